@@ -39,4 +39,4 @@ test: install
 	$(BIN)/python tools/run_tests.py
 
 export: install
-	$(BIN)/nbdev-export && $(BIN)/nbdev-clean
+	$(BIN)/nbdev-export && $(BIN)/nbdev-clean && $(BIN)/python tools/readme.py
