@@ -231,13 +231,14 @@ def _recover_ledger(records, ledger, cache, tag) -> list[dict]:
     seen = {c["key"] for c in ledger if not c.get("failed")}
     out = []
     for r in records:
-        k = r.get("request_key")
-        if not k or k in seen or not r.get("cached"): continue
-        hit = cache.get(k) or {}
-        if hit.get("paid_by") == tag:
-            seen.add(k)
-            out.append(dict(ts=None, model=r["model"], key=k, failed=False, cost_usd=hit.get("cost_usd"),
-                            recovered=True))
+        if not r.get("cached"): continue
+        for k in r.get("request_keys") or [r.get("request_key")]:
+            if not k or k in seen: continue
+            hit = cache.get(k) or {}
+            if hit.get("paid_by") == tag:
+                seen.add(k)
+                out.append(dict(ts=None, model=r["model"], key=k, failed=False, cost_usd=hit.get("cost_usd"),
+                                recovered=True))
     return out
 
 def _manifest(cfg, registry, pl, est, cap, run_dir, limit, started, status, records, ledger, prev) -> dict:
@@ -303,7 +304,7 @@ def _execute(cfg, registry, pl, est, cap, run_dir, resumed, limit, progress, cac
     finally:
         bar.close()
         _compact(rec_path, records)
-        lost = _recover_ledger(records, ledger, cache, run_dir.name)
+        lost = _recover_ledger(records, ledger, cache, run_dir.name) if prev else []
         if lost:
             logger.warning("recovered %d ledger line(s) lost when an earlier session was killed", len(lost))
             ledger.extend(lost); _append(ledger_path, lost)
