@@ -164,6 +164,14 @@ def fit_frames(fits: dict, n_grid: int = 60) -> tuple[pd.DataFrame, pd.DataFrame
 PARAMS_LABEL = ("datum.value >= 1e9 ? format(datum.value / 1e9, '~g') + 'B' : "
                 "format(datum.value / 1e6, '~g') + 'M'")
 
+def _size_ticks(x: pd.Series) -> list[float]:
+    "Ticks for a log size axis: 1-3-10 steps, else 1-2-5 steps, else the sizes themselves."
+    lo, hi = float(x.min()) / 1.1, float(x.max()) * 1.1
+    for steps in ((1, 3), (1, 2, 5)):
+        t = [m * 10.0 ** k for k in range(3, 16) for m in steps if lo <= m * 10.0 ** k <= hi]
+        if len(t) >= 3: return t
+    return sorted(set(float(v) for v in x))
+
 def delta_vs_size(points: pd.DataFrame, curve: pd.DataFrame|None, x_title: str, title: str,
                   caption: str|list[str], x_format: str = "params") -> alt.HConcatChart:
     "Delta per learner with its interval against size (log x), with the fitted curve and band."
@@ -177,7 +185,8 @@ def delta_vs_size(points: pd.DataFrame, curve: pd.DataFrame|None, x_title: str, 
     pad = max(0.02, 0.08 * (yhi - ylo))
     ys = alt.Scale(domain=[ylo - pad, yhi + pad])
     ax = dict(labelAngle=0, labelOverlap="greedy", tickCount=6)
-    if x_format == "params": ax["labelExpr"] = PARAMS_LABEL
+    if x_format == "params" and len(points): ax.update(labelExpr=PARAMS_LABEL,
+                                                       values=_size_ticks(points.x))
     else: ax["format"] = x_format
     x = alt.X("x:Q", title=x_title, scale=alt.Scale(type="log", nice=False, padding=24),
               axis=alt.Axis(**ax))

@@ -43,6 +43,7 @@ class Usage:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     seconds: float|None = None
+    known: bool = True
 
     @property
     def total_input(self) -> int: return self.input_tokens + self.cached_input_tokens + self.cache_write_tokens
@@ -50,7 +51,7 @@ class Usage:
         secs = None if self.seconds is None and o.seconds is None else (self.seconds or 0) + (o.seconds or 0)
         return Usage(self.input_tokens + o.input_tokens, self.cached_input_tokens + o.cached_input_tokens,
                      self.cache_write_tokens + o.cache_write_tokens, self.output_tokens + o.output_tokens,
-                     self.reasoning_tokens + o.reasoning_tokens, secs)
+                     self.reasoning_tokens + o.reasoning_tokens, secs, self.known and o.known)
 
 # %% ../nbs/02_providers.ipynb #3aec5d39
 _TOKEN_KINDS = (("input_tokens", "input"), ("cached_input_tokens", "cached_input"),
@@ -58,6 +59,7 @@ _TOKEN_KINDS = (("input_tokens", "input"), ("cached_input_tokens", "cached_input
 
 def cost_usd(usage: Usage, price: dict, billing: str = "tokens") -> float|None:
     "Dollar cost of `usage` under the price row `price`; None when a used quantity has no known price."
+    if not usage.known: return None
     if billing == "time":
         if usage.seconds is None or price.get("per_second") is None: return None
         return usage.seconds * price["per_second"]

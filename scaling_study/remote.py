@@ -106,10 +106,10 @@ def _malformed(entry, why) -> ProviderError:
     return ProviderError(f"{entry.name}: the response could not be read ({why})", retryable=True)
 
 # %% ../nbs/02a_remote.ipynb #423483a0
-def no_usage(entry: ModelEntry) -> ProviderError:
-    "The error for a response that reported no usage: its cost cannot be known, so it is not kept."
-    return ProviderError(f"{entry.name}: the response reported no token usage, so its cost cannot "
-                         "be known; it is recorded as failed and not cached", retryable=False)
+def no_usage(entry: ModelEntry) -> Usage:
+    "The usage of a response that reported none: unknown, so its cost is None."
+    logger.warning("%s: a response reported no token usage; its cost is recorded as unknown", entry.name)
+    return Usage(known=False)
 
 # %% ../nbs/02a_remote.ipynb #18233218
 class _PerLoop:
@@ -180,7 +180,7 @@ class OpenAIProvider(_PerLoop):
             raise sdk_error(self.entry, err, openai, self._key, self.timeout) from None
         if not getattr(resp, "choices", None): raise _malformed(self.entry, "no choices")
         usage = openai_usage(getattr(resp, "usage", None))
-        if usage is None: raise no_usage(self.entry)
+        if usage is None: usage = no_usage(self.entry)
         choice = resp.choices[0]
         return Completion(choice.message.content or "", usage, choice.finish_reason, resp.model)
 
@@ -224,7 +224,7 @@ class AnthropicProvider(_PerLoop):
             raise sdk_error(self.entry, err, anthropic, self._key, self.timeout) from None
         if getattr(msg, "content", None) is None: raise _malformed(self.entry, "no content")
         usage = anthropic_usage(getattr(msg, "usage", None))
-        if usage is None: raise no_usage(self.entry)
+        if usage is None: usage = no_usage(self.entry)
         text = "".join(b.text for b in msg.content if getattr(b, "type", None) == "text")
         return Completion(text, usage, msg.stop_reason, msg.model)
 
@@ -338,7 +338,7 @@ def _replicate_completion(self, pred, req: Request) -> Completion:
     elif isinstance(out, str): text = out
     else: raise _malformed(e, f"output is {type(out).__name__}")
     usage = replicate_usage(pred.metrics, e.billing)
-    if usage is None: raise no_usage(e)
+    if usage is None: usage = no_usage(e)
     used = (pred.metrics or {}).get("output_token_count")
     finish = None if used is None else "length" if used >= req.max_tokens else "stop"
     return Completion(text, usage, finish, pred.version)

@@ -82,13 +82,17 @@ def _read_jsonl_tolerant(path: Path) -> list[dict]:
             raise ValueError(f"{path}, line {i}: not valid JSON. Move the file aside to start the run afresh.") from None
     return out
 
-def _append(path: Path, rows: list[dict]) -> None:
-    "Append `rows` as JSON lines in one write, then flush and fsync."
+_LAST_SYNC: dict = {}
+
+def _append(path: Path, rows: list[dict], sync_every: float = 1.0) -> None:
+    "Append `rows` as JSON lines in one `write`; fsync when the last fsync of `path` is `sync_every` s old."
     data = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows).encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, data)
-        os.fsync(fd)
+        now = time.monotonic()
+        if now - _LAST_SYNC.get(path, 0.0) >= sync_every:
+            os.fsync(fd); _LAST_SYNC[path] = now
     finally: os.close(fd)
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -303,6 +307,7 @@ def _execute(cfg, registry, pl, est, cap, run_dir, resumed, limit, progress, cac
         raise
     finally:
         bar.close()
+        for p in (rec_path, ledger_path): _append(p, [], sync_every=0)
         _compact(rec_path, records)
         lost = _recover_ledger(records, ledger, cache, run_dir.name) if prev else []
         if lost:
