@@ -6,19 +6,21 @@ with papermill on a tiny sample, and the pytest files in tests/ (things a notebo
 run last. Usage: python tools/run_tests.py [--flags slow] [NOTEBOOK ...]
 """
 import argparse, os, subprocess, sys, tempfile, time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _one(path, flags):
-    from nbdev.config import get_config
-    from nbdev.test import test_nb
-    skip = [f for f in get_config().tst_flags.split() if f not in flags]
+    "Test one notebook in its own process (a crash in one cannot take the others down)."
     t0 = time.time()
-    ok, _ = test_nb(path, skip_flags=skip, force_flags=flags)
-    return str(Path(path).relative_to(ROOT)), bool(ok), time.time() - t0
+    code = ("import sys; from nbdev.config import get_config; from nbdev.test import test_nb; "
+            "flags = sys.argv[2].split(); skip = [f for f in get_config().tst_flags.split() if f not in flags]; "
+            "ok, _ = test_nb(sys.argv[1], skip_flags=skip, force_flags=flags); sys.exit(0 if ok else 1)")
+    r = subprocess.run([sys.executable, "-c", code, path, " ".join(flags)], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode: print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
+    return str(Path(path).relative_to(ROOT)), r.returncode == 0, time.time() - t0
 
 
 def notebooks(names):
@@ -67,7 +69,7 @@ def main():
     os.chdir(ROOT)
     flags = a.flags.split()
     results = []
-    with ProcessPoolExecutor(max_workers=2) as ex:
+    with ThreadPoolExecutor(max_workers=2) as ex:
         for name, ok, secs in ex.map(_one, notebooks(a.notebooks), [flags] * len(notebooks(a.notebooks))):
             print(f"{'PASS' if ok else 'FAIL'} {name} ({secs:.0f}s)", flush=True)
             results.append((name, ok, secs))
