@@ -527,7 +527,7 @@ _ROUTES.update({("POST", "/v1/models/{owner}/{name}/predictions"): _replicate_cr
                 ("POST", "/v1/predictions/{pid}/cancel"): _replicate_cancel,
                 ("GET", "/v1/models/{owner}/{name}/versions/{vid}"): _replicate_get_version})
 
-# %% ../nbs/90_fake_server.ipynb #fca9a6d6
+# %% ../nbs/90_fake_server.ipynb #6372c23b
 def main(argv=None):
     "Serve a `FakeServer` on 127.0.0.1 until interrupted (Ctrl-C or SIGTERM)."
     ap = argparse.ArgumentParser(prog="python -m scaling_study.fake_server",
@@ -550,6 +550,6 @@ def main(argv=None):
     srv.stop()
     print(f"stopped; requests by status: {dict(srv.counts())}", flush=True)
 
-# %% ../nbs/90_fake_server.ipynb #6372c23b
+# %% ../nbs/90_fake_server.ipynb #381ac402
 # a notebook kernel also runs as __main__ but has no __file__, so this runs only as a script
 if __name__ == "__main__" and "__file__" in globals(): main()

@@ -215,7 +215,7 @@ def delta_vs_size(points: pd.DataFrame, curve: pd.DataFrame|None, x_title: str, 
     return alt.hconcat(*panels).properties(
         title=alt.TitleParams(title, subtitle=sub, anchor="start"))
 
-# %% ../nbs/09_figures.ipynb #76bda0b0
+# %% ../nbs/09_figures.ipynb #e359c6f9
 def cost_accuracy(table: pd.DataFrame, front: pd.DataFrame, caption: str|list[str],
                   cost: str = "would_cost_per_item_usd", acc: str = "acc_final",
                   cost_title: str = "would-cost per item (USD, cache ignored)") -> alt.Chart:

@@ -172,7 +172,7 @@ class LocalProvider:
 
     async def complete(self, req: Request) -> Completion: return await asyncio.to_thread(self._generate, req)
 
-# %% ../nbs/02_providers.ipynb #3458089b
+# %% ../nbs/02_providers.ipynb #f5d9c128
 PROVIDER_CLASSES: dict = {"local": LocalProvider}
 
 def make_provider(entry: ModelEntry):
@@ -183,7 +183,7 @@ def make_provider(entry: ModelEntry):
                             f"known: {sorted(PROVIDER_CLASSES)}.")
     return PROVIDER_CLASSES[entry.provider](entry)
 
-# %% ../nbs/02_providers.ipynb #ac031521
+# %% ../nbs/02_providers.ipynb #692643b2
 class Budget:
     "Committed spend (settled + reserved) never exceeds `limit_usd`; `limit_usd=None` means no cap."
     def __init__(self, limit_usd: float|None, spent: float = 0.0):
@@ -205,7 +205,7 @@ class Budget:
                 self._warned.add(frac)
                 logger.warning("spend $%.4f has passed %d%% of the budget $%.2f", self.spent, frac*100, self.limit)
 
-# %% ../nbs/02_providers.ipynb #e5608ee5
+# %% ../nbs/02_providers.ipynb #2c57211f
 class RateLimiter:
     "Async limiter: at most `rpm` requests and `tpm` tokens per minute, spread evenly."
     def __init__(self, rpm: float|None = None, tpm: float|None = None):
@@ -224,7 +224,7 @@ class RateLimiter:
         delay = start - time.monotonic()
         if delay > 0: await asyncio.sleep(delay)
 
-# %% ../nbs/02_providers.ipynb #73520bd4
+# %% ../nbs/02_providers.ipynb #522e35ed
 @dataclass
 class Call:
     "The outcome of one request through the client, with its spend and what it would have cost uncached."
@@ -247,7 +247,7 @@ def estimate_tokens(text: str) -> int:
     "A rough token count (4 characters per token), used only for budget reservations and estimates."
     return len(text) // 4 + 1
 
-# %% ../nbs/02_providers.ipynb #522e35ed
+# %% ../nbs/02_providers.ipynb #a42a18cf
 class Client:
     "Cache, budget, limits, retries and cost around the provider adapters of the models in `registry`."
     def __init__(self, registry: dict, cache: ResponseCache|None = None, budget: Budget|None = None,

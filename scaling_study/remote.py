@@ -352,7 +352,7 @@ PROVIDER_CLASSES["openai-compatible"] = OpenAIProvider
 PROVIDER_CLASSES["anthropic"] = AnthropicProvider
 PROVIDER_CLASSES["replicate"] = ReplicateProvider
 
-# %% ../nbs/02a_remote.ipynb #1abdcc23
+# %% ../nbs/02a_remote.ipynb #b4ff0e06
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -390,7 +390,7 @@ def llamacpp_server(gguf: str|Path, port: int = 0, alias: str = "local", n_ctx: 
         except subprocess.TimeoutExpired: proc.kill(); proc.wait()
         log.close()
 
-# %% ../nbs/02a_remote.ipynb #a5d8a792
+# %% ../nbs/02a_remote.ipynb #d5a9a7d1
 def size_bin(count: float|None) -> str:
     "'small' (< 1e10 parameters), 'medium' (< 1e11), 'large', or 'unknown' without a count."
     if count is None: return "unknown"
@@ -420,7 +420,7 @@ def models_doc(registry: dict) -> str:
         lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
     return "\n".join(lines)
 
-# %% ../nbs/02a_remote.ipynb #b4d4ec65
+# %% ../nbs/02a_remote.ipynb #df5e55a7
 def _local_check(entry) -> tuple[bool, str]:
     g = entry.gguf or {}
     if "assemble" in g:

@@ -52,7 +52,7 @@ def manifest_models(phases: list[str]) -> dict:
         out.update(man.get("models") or {})
     return out
 
-# %% ../nbs/11_results.ipynb #92b178ae
+# %% ../nbs/11_results.ipynb #57edf825
 def model_info(entry) -> dict:
     "`params` (known counts only) with its source, `price_out` with its source, and `provider`."
     get = entry.get if isinstance(entry, dict) else (lambda k: getattr(entry, k, None))
@@ -67,7 +67,7 @@ def model_info(entry) -> dict:
     return dict(params=None if count is None else float(count), params_source=src, price_out=out,
                 price_source=price.get("source"), provider=get("provider"))
 
-# %% ../nbs/11_results.ipynb #7fd3a25c
+# %% ../nbs/11_results.ipynb #877bcc8d
 def capability(table: pd.DataFrame, acc: str = "acc_initial") -> pd.DataFrame:
     "Per model: `capability` from initial accuracy across shared datasets, and `capability_method`."
     missing = [c for c in ("model", "dataset", acc) if c not in table]
@@ -96,7 +96,7 @@ def capability(table: pd.DataFrame, acc: str = "acc_initial") -> pd.DataFrame:
     out["capability"], out["capability_method"] = cap, method
     return out.reset_index()
 
-# %% ../nbs/11_results.ipynb #4a8d55d9
+# %% ../nbs/11_results.ipynb #662755f3
 def _known_sum(s: pd.Series) -> float:
     "Sum of `s`, or NaN if any value is unknown."
     return math.nan if s.isna().any() else float(s.sum())
@@ -116,7 +116,7 @@ def correction_costs(records) -> pd.DataFrame:
         "correction_calls": g._corr.sum().astype(int)})
     return out.reset_index()
 
-# %% ../nbs/11_results.ipynb #35d2f4f4
+# %% ../nbs/11_results.ipynb #ffb9abcc
 def _num(s) -> pd.Series:
     "`s` as floats, None as NaN."
     return pd.to_numeric(pd.Series(s).astype(object).where(pd.Series(s).notna(), np.nan),
@@ -145,7 +145,7 @@ def results_table(summary: pd.DataFrame, records=None, models: dict|None = None)
         t["usd_per_correction_turn"] = t.correction_usd / calls
     return t
 
-# %% ../nbs/11_results.ipynb #c0c74168
+# %% ../nbs/11_results.ipynb #f581ed10
 AXES = {"params": "parameters (published counts only)",
         "price_out": "output price (USD per million tokens)",
         "capability": "capability (initial accuracy across datasets)"}
@@ -174,7 +174,7 @@ def on_axis(table: pd.DataFrame, x: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     out = table.loc[reason.notna(), cols].assign(reason=reason[reason.notna()])
     return table[reason.isna()].copy(), out.reset_index(drop=True)
 
-# %% ../nbs/11_results.ipynb #3e2059a7
+# %% ../nbs/11_results.ipynb #a281c40d
 def fit_panels(table: pd.DataFrame, x: str, n_boot: int = 500, seed: int = 0,
                by=("dataset", "feedback")) -> tuple[dict, pd.DataFrame]:
     "`scaling.fit` of delta against `x` per dataset and policy (panel), and the rows left out."
@@ -186,7 +186,7 @@ def fit_panels(table: pd.DataFrame, x: str, n_boot: int = 500, seed: int = 0,
         fits[" / ".join(map(str, key))] = scaling.fit(g, x=x, n_boot=n_boot, seed=seed)
     return fits, left
 
-# %% ../nbs/11_results.ipynb #e4aa15dd
+# %% ../nbs/11_results.ipynb #1c9e71e5
 def cost_benefit(table: pd.DataFrame, cost: str = "correction_usd") -> pd.DataFrame:
     "`table` with `extra_correct`, `delta_per_usd`, `usd_per_extra_correct` and `cost_note`."
     need = ["n_fixed", "n_broken", cost]
@@ -208,7 +208,7 @@ def cost_benefit(table: pd.DataFrame, cost: str = "correction_usd") -> pd.DataFr
     for c, v in cols.items(): t[c] = pd.Series(v, index=t.index, dtype=object)
     return t
 
-# %% ../nbs/11_results.ipynb #f48d105b
+# %% ../nbs/11_results.ipynb #82ed8a11
 def pareto_front(table: pd.DataFrame, cost: str = "would_cost_usd", acc: str = "acc_final",
                  by: str = "dataset") -> pd.DataFrame:
     "Rows on the cost-accuracy Pareto front per `by`, cheapest first."
@@ -229,7 +229,7 @@ def pareto_front(table: pd.DataFrame, cost: str = "would_cost_usd", acc: str = "
     front.attrs["excluded"] = table.model[~ok].astype(str).tolist()
     return front.reset_index(drop=True)
 
-# %% ../nbs/11_results.ipynb #7e1f3756
+# %% ../nbs/11_results.ipynb #3eba4477
 def _fmt_x(x: str, v: float) -> str:
     "A size on axis `x` in words."
     if x == "params": return f"{v / 1e9:.3g}B params" if v >= 1e9 else f"{v / 1e6:.3g}M params"
@@ -254,7 +254,7 @@ def break_even_sentence(be: dict, table: pd.DataFrame|None = None,
         return s + "; the cost of a correction turn there is unknown."
     return s + f"; a correction turn there costs ${float(row[cost].iloc[0]):.4g} per item."
 
-# %% ../nbs/11_results.ipynb #cf859c4e
+# %% ../nbs/11_results.ipynb #781caa64
 def _widest_split(n: int, k0: int, k1: int) -> tuple[int, int, int, int]:
     "Fixed, broken, right-right, wrong-wrong with the most changed answers for k0 -> k1 right of n."
     fixed = min(n - k0, k1)
@@ -310,7 +310,7 @@ def load_published(path) -> pd.DataFrame:
     t["fixed"], t["broken"] = t.n_fixed / t.n, t.n_broken / t.n
     return t.merge(capability(t), on="model", how="left")
 
-# %% ../nbs/11_results.ipynb #aa97d912
+# %% ../nbs/11_results.ipynb #3d45be7b
 _MAIN = ("model", "dataset", "feedback", "n", "acc_initial", "acc_final", "delta", "delta_lo",
          "delta_hi", "fixed", "broken", "mcnemar_p", "would_cost_usd")
 

@@ -334,7 +334,7 @@ def _compact(rec_path: Path, records: list[dict]) -> None:
     os.replace(tmp, rec_path)
     records[:] = keep
 
-# %% ../nbs/06_runner.ipynb #80e7a9c2
+# %% ../nbs/06_runner.ipynb #be58bb9b
 def check_params(phase="", config="", models="", limit=0, budget=-1.0, yes=False, run_id="", overrides=None) -> dict:
     "`run_phase` keyword arguments from the phase notebook's parameters, or a ConfigError naming the bad one."
     def bad(name, v, want): return ConfigError(f"papermill parameter {name} is {v!r} ({type(v).__name__}); "

@@ -16,10 +16,10 @@ from .core import cache_dir, canonical_json, sha256_text
 __all__ = ['logger', 'STATUSES', 'HARNESS_VERSION', 'extract_program', 'Verdict', 'sandbox_backend', 'verdict_key',
            'check_humaneval', 'public_examples', 'run_public_examples']
 
-# %% ../nbs/04a_sandbox.ipynb #c56b6238
+# %% ../nbs/04a_sandbox.ipynb #0efa6521
 logger = logging.getLogger(__name__)
 
-# %% ../nbs/04a_sandbox.ipynb #6b4948af
+# %% ../nbs/04a_sandbox.ipynb #acf90890
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)(?:\n[ \t]*```|\Z)", re.S)
 _PY_LANGS = {"", "python", "py", "python3", "py3", "pycon"}
 _CODE_START = re.compile(r"(?:from\s+\S+\s+import|import\s+\w|def\s+\w|async\s+def\s+\w"
@@ -53,7 +53,7 @@ def _preamble(prompt: str, entry: str) -> str:
     m = re.search(rf"^(?:async\s+)?def\s+{re.escape(entry)}\s*\(", prompt, re.M)
     return prompt[:m.start()] if m else ""
 
-# %% ../nbs/04a_sandbox.ipynb #acf90890
+# %% ../nbs/04a_sandbox.ipynb #14cc1e67
 def _whole(prompt: str, entry: str, code: str, fenced: bool) -> str:
     "A response that defines `entry` itself, placed after the prompt's preamble."
     head = _preamble(prompt, entry)
@@ -92,7 +92,7 @@ def _body(prompt: str, body: str, fenced: bool) -> str|None:
     head = prompt if prompt.endswith("\n") else prompt + "\n"
     return head + "\n".join(_reindented(lines)) + "\n"
 
-# %% ../nbs/04a_sandbox.ipynb #14cc1e67
+# %% ../nbs/04a_sandbox.ipynb #5f00dfaf
 def extract_program(problem: dict, response: str) -> str|None:
     "The full program (prompt + completion) from `response` in any common shape; None if no code."
     prompt, entry = problem["prompt"], problem["entry_point"]
@@ -109,7 +109,7 @@ def extract_program(problem: dict, response: str) -> str|None:
     if _defines(response, entry): return _whole(prompt, entry, response, fenced=False)
     return _body(prompt, response, fenced=False)
 
-# %% ../nbs/04a_sandbox.ipynb #fbc65403
+# %% ../nbs/04a_sandbox.ipynb #a1b4a74f
 STATUSES = ("passed", "failed", "timeout", "error", "unparsed")
 
 @dataclass
@@ -123,7 +123,7 @@ class Verdict:
     cached: bool = False
     backend: str = ""
 
-# %% ../nbs/04a_sandbox.ipynb #ad7dee71
+# %% ../nbs/04a_sandbox.ipynb #727381f3
 _BWRAP = "bwrap"
 _LIMITS = {"address_space": 1 << 30, "processes": 32, "file_size": 16 << 20, "open_files": 64}
 _backend_lock = threading.Lock()
@@ -156,7 +156,7 @@ def _bwrap_cmd(workdir: str) -> list[str]:
         cmd += ["--ro-bind", prefix, prefix]
     return cmd + ["--bind", workdir, "/work", "--chdir", "/work"]
 
-# %% ../nbs/04a_sandbox.ipynb #c495fd38
+# %% ../nbs/04a_sandbox.ipynb #03ae5440
 def _probe_bwrap() -> str|None:
     "None if bubblewrap can run Python here, else the reason it cannot."
     if shutil.which(_BWRAP) is None: return f"{_BWRAP!r} is not installed"
@@ -191,7 +191,7 @@ def sandbox_backend() -> str:
                            f"{why}. Install bubblewrap or unset the variable.")
     return "subprocess" if why else "bubblewrap"
 
-# %% ../nbs/04a_sandbox.ipynb #a0fca363
+# %% ../nbs/04a_sandbox.ipynb #2b528cc1
 _HARNESS = r'''
 import json, os, resource, select, sys
 _cfg = json.loads(sys.argv[1])
@@ -384,7 +384,7 @@ _harness()
 '''
 HARNESS_VERSION = "1." + sha256_text(_HARNESS)[:12]
 
-# %% ../nbs/04a_sandbox.ipynb #f51298e9
+# %% ../nbs/04a_sandbox.ipynb #d3f76456
 def _world_readable(path: str) -> bool:
     "Whether another user can reach `path` (every parent traversable by others)."
     p = Path(path)
@@ -416,7 +416,7 @@ def _reap_uid(uid: int):
     except (OSError, subprocess.SubprocessError) as e:
         logger.warning("Could not reap leftover processes of uid %s: %s", uid, e)
 
-# %% ../nbs/04a_sandbox.ipynb #d3f76456
+# %% ../nbs/04a_sandbox.ipynb #0c2f0e2b
 @dataclass
 class _Run:
     "What came back from one sandboxed run, before it is turned into a verdict."
@@ -494,7 +494,7 @@ def _execute(program: str, mode: str, payload: dict, timeout: float, backend: st
         for f in files: f.close()
         shutil.rmtree(work, ignore_errors=True)
 
-# %% ../nbs/04a_sandbox.ipynb #287a1862
+# %% ../nbs/04a_sandbox.ipynb #bcde8dff
 def _signal_name(code: int) -> str:
     try: return signal.Signals(-code).name
     except ValueError: return f"signal {-code}"
@@ -515,7 +515,7 @@ def _decide(run: _Run, timeout: float) -> tuple[bool, str, str]:
     if tail and tail not in detail: detail = f"{detail} | stderr: {tail}"
     return False, status, detail[:500]
 
-# %% ../nbs/04a_sandbox.ipynb #67cac75f
+# %% ../nbs/04a_sandbox.ipynb #a527eac2
 _cache_state = {"path": None, "cache": None}
 _cache_lock = threading.Lock()
 
@@ -553,7 +553,7 @@ def _check_timeout(timeout):
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
         raise ValueError(f"timeout is {timeout!r}; give seconds as a number in (0, 600].")
 
-# %% ../nbs/04a_sandbox.ipynb #a527eac2
+# %% ../nbs/04a_sandbox.ipynb #db9029d9
 def check_humaneval(problem: dict, response: str, timeout: float = 10.0,
                     cache: bool = True) -> Verdict:
     "Extract the program from `response`, run it with `problem`'s hidden tests in the sandbox."
@@ -586,7 +586,7 @@ def check_humaneval(problem: dict, response: str, timeout: float = 10.0,
         except Exception as e: logger.warning("Verdict cache write failed (%s); continuing.", e)
     return v
 
-# %% ../nbs/04a_sandbox.ipynb #40a69449
+# %% ../nbs/04a_sandbox.ipynb #47d5c4b7
 def _docstring(prompt: str, entry: str) -> str:
     "The docstring of `entry` in `prompt` (ast first, then the text after its `def`)."
     try:
@@ -626,7 +626,7 @@ def public_examples(problem: dict) -> list[tuple[str, str]]:
         if _compiles(code): out.append((code, "\n".join(want)))
     return out
 
-# %% ../nbs/04a_sandbox.ipynb #ee1f9c25
+# %% ../nbs/04a_sandbox.ipynb #270994fc
 def _examples_feedback(examples, run: _Run, timeout: float) -> tuple[int, int, str]:
     "Count the passing examples of a run and say what went wrong, for the learner to read."
     n = len(examples)

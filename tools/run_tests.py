@@ -47,6 +47,30 @@ def papermill_smoke(results):
             results.append((name, r.returncode == 0, time.time() - t0))
 
 
+def docs_checks(results):
+    "The docs sources build (nbdev-proc-nbs; Quarto itself is not installable here) and every notebook opens."
+    t0 = time.time()
+    r = subprocess.run([str(Path(sys.executable).parent/"nbdev-proc-nbs")], cwd=ROOT, capture_output=True, text=True)
+    bad = r.returncode != 0 or "Found cells containing imports" in r.stderr
+    if bad: print(r.stderr[-3000:], file=sys.stderr)
+    results.append(("docs: nbdev-proc-nbs builds the docs sources", not bad, time.time() - t0))
+    import nbformat
+    from jupyter_client.kernelspec import KernelSpecManager
+    t0 = time.time()
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    ok = Path(spec.argv[0]).resolve().parent == Path(sys.executable).resolve().parent or \
+         spec.argv[0] in ("python", "python3", sys.executable)
+    problems = []
+    for nb in sorted(ROOT.glob("nbs/**/*.ipynb")):
+        if ".ipynb_checkpoints" in nb.parts: continue
+        try:
+            n = nbformat.read(nb, as_version=4); nbformat.validate(n)
+            if n.metadata.get("kernelspec", {}).get("name") != "python3": problems.append(f"{nb.name}: kernel")
+        except Exception as e: problems.append(f"{nb.name}: {e}")
+    if problems or not ok: print("notebooks that would not open with the project kernel:", problems, spec.argv, file=sys.stderr)
+    results.append(("docs: every notebook opens with the project's python3 kernel", ok and not problems, time.time() - t0))
+
+
 def pytest_files(results):
     if not any((ROOT/"tests").glob("test_*.py")): return
     t0 = time.time()
@@ -76,6 +100,7 @@ def main():
     if not a.notebooks and not a.no_smoke:
         n = len(results)
         papermill_smoke(results)
+        docs_checks(results)
         pytest_files(results)
         for name, ok, secs in results[n:]:
             if name != "pytest": print(f"{'PASS' if ok else 'FAIL'} {name} ({secs:.0f}s)", flush=True)
