@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_cache.ipynb #8d97016b
 from __future__ import annotations
-import json, logging
+import json, logging, sqlite3
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import diskcache
@@ -42,8 +42,13 @@ class ResponseCache:
     def __init__(self, directory: str|Path|None = None):
         self.directory = Path(directory) if directory else cache_dir()/"requests"
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._db = diskcache.Cache(str(self.directory), size_limit=2**62, eviction_policy="none",
-                                   cull_limit=0, timeout=60)
+        try:
+            self._db = diskcache.Cache(str(self.directory), size_limit=2**62, eviction_policy="none",
+                                       cull_limit=0, timeout=60)
+        except sqlite3.DatabaseError as e:
+            raise RuntimeError(f"The request cache {self.directory} is damaged ({e}). Move it aside "
+                               f"(mv {self.directory} {self.directory}.damaged) and run again; the answers "
+                               "it held will be requested again.") from None
 
     def get(self, key: str) -> dict|None:
         "The stored response for `key`, or None on a miss or an unreadable entry."

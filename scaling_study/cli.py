@@ -25,9 +25,10 @@ def _papermill(nb: Path, out: Path, params: dict, cwd: Path) -> None:
 # %% ../nbs/10_cli.ipynb #952d173c
 def cmd_run(a) -> int:
     "Validate, estimate, then run the phase notebook into its run folder and say where it went."
-    from scaling_study.runner import run_phase, prepare_run, plan, estimate, check_budget
+    from scaling_study.runner import run_phase, prepare_run, plan, estimate, check_budget, check_providers
     from scaling_study.cache import ResponseCache
     cfg, reg = load_phase(a.phase if not a.config else None, a.config, a.models)
+    check_providers(cfg, reg)
     cap = cfg.budget_usd if a.budget is None else a.budget
     if cap < 0: raise ConfigError(f"--budget is {cap!r}; give a number of dollars >= 0.")
     est = estimate(cfg, reg, a.limit, ResponseCache())
@@ -42,7 +43,8 @@ def cmd_run(a) -> int:
     except Exception as e:
         man = run_dir/"manifest.json"
         status = json.loads(man.read_text())["status"] if man.exists() else "failed"
-        print(f"The phase notebook stopped ({type(e).__name__}); run status: {status}. "
+        why = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
+        print(f"The phase notebook stopped ({why}); run status: {status}. "
               f"The executed notebook is {run_dir/'run_phase.ipynb'}.", file=sys.stderr)
         return 1
     man = json.loads((run_dir/"manifest.json").read_text())

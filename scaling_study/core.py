@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #172b3eea
 from __future__ import annotations
-import difflib, hashlib, json, logging, os
+import difflib, hashlib, json, logging, math, os
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import yaml
@@ -108,6 +108,21 @@ def _check_params(name, p):
         raise ConfigError(f"models.yaml: {name}.params needs both a count and a citation after "
                           f"{kind!r}:, got {p!r}.")
 
+_LIMIT_KEYS = {"concurrency", "rpm", "tpm", "timeout", "connect_timeout"}
+
+def _check_limits(name, lim):
+    "Limits are positive numbers under known keys: a typo must not silently fall back to a default."
+    if not isinstance(lim, dict): raise ConfigError(f"models.yaml: {name}.limits must be a mapping, got {lim!r}.")
+    for k, v in lim.items():
+        if k not in _LIMIT_KEYS:
+            raise ConfigError(f"models.yaml: {name}.limits has unknown key {k!r}.{_suggest(k, _LIMIT_KEYS)} "
+                              f"Allowed: {sorted(_LIMIT_KEYS)}.")
+        if v is None: continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"models.yaml: {name}.limits.{k} is {v!r}; give a positive number or null.")
+        if k == "concurrency" and not float(v).is_integer():
+            raise ConfigError(f"models.yaml: {name}.limits.concurrency is {v!r}; give a whole number >= 1.")
+
 def model_entry(name: str, d: dict) -> ModelEntry:
     "Validate one raw registry entry `d` and return it as a `ModelEntry`."
     if not isinstance(d, dict): raise ConfigError(f"models.yaml: entry {name!r} must be a mapping, got {d!r}.")
@@ -122,6 +137,7 @@ def model_entry(name: str, d: dict) -> ModelEntry:
     if d["provider"] == "openai-compatible" and not d.get("base_url"):
         raise ConfigError(f"models.yaml: {name} is openai-compatible and needs a base_url "
                           "(for example http://127.0.0.1:8000/v1).")
+    _check_limits(name, d.get("limits") or {})
     params = d.get("params") or {"count": None, "source": "unknown"}
     _check_params(name, params)
     price = d.get("price") or {}
@@ -176,7 +192,7 @@ class PhaseConfig:
 # %% ../nbs/00_core.ipynb #03eb8fd1
 def _num(name, key, v, lo, integer=False):
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or v < lo:
+    if isinstance(v, bool) or not ok or not math.isfinite(v) or v < lo:
         kind = "an integer" if integer else "a number"
         raise ConfigError(f"phase {name}: {key} is {v!r}; it must be {kind} >= {lo}.")
 

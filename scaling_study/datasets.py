@@ -82,6 +82,19 @@ def _missing_msg(spec) -> str:
     return (f"Dataset {spec.name!r} is not present: missing {missing}. {todo}"
             f"{(' ' + spec.note) if spec.note and not spec.missing else ''}")
 
+def _read_checked(spec) -> list[dict]:
+    "All items of `spec`; a record with missing fields or a file with fewer records than expected is an error."
+    where = ", ".join(str(p) for p in spec.paths())
+    try: items = spec.reader(spec.paths())
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ValueError(f"{spec.name}: a record in {where} lacks a field or has the wrong shape "
+                         f"({type(e).__name__}: {e}). The data file is damaged; copy it again from "
+                         "../shared/data (see its PROVENANCE.md for the sha256).") from None
+    if spec.expected and len(items) < spec.expected:
+        raise ValueError(f"{spec.name}: {where} holds {len(items)} records, but the benchmark has "
+                         f"{spec.expected}. The file is empty or cut short; copy it again from ../shared/data.")
+    return items
+
 def load(name: str, n: int|None = None, seed: int = 0) -> list[dict]:
     "The first `n` items (all if None) of dataset `name` in the order fixed by `seed`."
     if name not in DATASETS:
@@ -89,7 +102,7 @@ def load(name: str, n: int|None = None, seed: int = 0) -> list[dict]:
     spec = DATASETS[name]
     if not spec.present(): raise FileNotFoundError(_missing_msg(spec))
     key = (name, tuple(str(p) for p in spec.paths()))
-    if key not in _LOADED: _LOADED[key] = spec.reader(spec.paths())
+    if key not in _LOADED: _LOADED[key] = _read_checked(spec)
     items = sorted(_LOADED[key], key=lambda it: sha256_text(f"{seed}:{it['id']}"))
     if n is not None:
         if n > len(items):

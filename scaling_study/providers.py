@@ -295,7 +295,11 @@ class Client:
                 await self._limiters[name].acquire(estimate_tokens(str(req.messages)) + req.max_tokens)
                 call = await self._send(provider, key, req)
         finally:
-            actual = call.cost_usd if "call" in locals() and call.cost_usd else 0.0
+            # a call whose cost is unknown (no usage, or no price) is charged its reservation, so
+            # the cap still holds; a failed call is charged nothing
+            call_ = locals().get("call")
+            if call_ is None or call_.failed: actual = 0.0
+            else: actual = call_.cost_usd if call_.cost_usd is not None else reserve
             self.budget.settle(reserve, actual)
 
         # cache first, then the ledger: a process killed in between has lost a ledger line, never an

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_runner.ipynb #fd221c00
 from __future__ import annotations
-import asyncio, fcntl, json, logging, os, platform, subprocess, sys, time, warnings
+import asyncio, fcntl, json, logging, math, os, platform, subprocess, sys, time, warnings
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -17,8 +17,8 @@ from .loop import POLICIES, SYSTEM, CONFIDENCE_ASK, run_item
 from .providers import Budget, BudgetExceeded, Client, cost_usd, estimate_tokens, Usage, run_sync
 
 # %% auto #0
-__all__ = ['logger', 'STATUSES', 'plan', 'estimate', 'latest_records', 'environment', 'runs_dir', 'prepare_run', 'check_budget',
-           'run_phase', 'check_params']
+__all__ = ['logger', 'STATUSES', 'plan', 'estimate', 'latest_records', 'environment', 'runs_dir', 'prepare_run',
+           'check_providers', 'check_budget', 'run_phase', 'check_params']
 
 # %% ../nbs/06_runner.ipynb #8b6ea8db
 logger = logging.getLogger(__name__)
@@ -169,6 +169,20 @@ class _Lock:
     def __exit__(self, *a): fcntl.flock(self.fh, fcntl.LOCK_UN); self.fh.close()
 
 # %% ../nbs/06_runner.ipynb #11f37be3
+def check_providers(cfg: PhaseConfig, registry: dict) -> None:
+    "Build each learner's adapter now, so a missing key or package fails before any call, naming the fix."
+    from scaling_study.providers import make_provider, ProviderError
+    for m in cfg.models:
+        try: make_provider(registry[m])
+        except ProviderError as e: raise ConfigError(str(e)) from None
+    if "humaneval" in cfg.datasets:
+        from scaling_study.sandbox import exposed_secrets
+        if exposed_secrets():
+            raise ConfigError(f"HumanEval programs would run in the weak fallback sandbox, where they could read "
+                              f"{exposed_secrets()} from this process. Install bubblewrap (apt-get install "
+                              "bubblewrap) or unset those variables.")
+
+# %% ../nbs/06_runner.ipynb #3b7f7e31
 def check_budget(est: pd.DataFrame, budget: float, yes: bool) -> None:
     "Refuse, before any call, an estimate that exceeds `budget` or cannot be priced, unless `yes`."
     unknown = est[est.usd_uncached.isna()]
@@ -181,7 +195,7 @@ def check_budget(est: pd.DataFrame, budget: float, yes: bool) -> None:
                           "budget_usd in the phase file or pass --budget, run fewer items with --limit, or pass "
                           "--yes to start anyway (the run then stops cleanly when spend reaches the budget).")
 
-# %% ../nbs/06_runner.ipynb #df7c58da
+# %% ../nbs/06_runner.ipynb #878fba36
 async def _run_cells(client, cfg, todo, write, bar, state):
     queues = {}
     for name, item in todo: queues.setdefault(name, asyncio.Queue()).put_nowait(item)
@@ -206,22 +220,24 @@ async def _run_cells(client, cfg, todo, write, bar, state):
         tasks += [asyncio.create_task(worker(name, q)) for _ in range(n)]
     await asyncio.gather(*tasks)
 
-# %% ../nbs/06_runner.ipynb #878fba36
+# %% ../nbs/06_runner.ipynb #aa8cbb5d
 def run_phase(phase: str|None = None, config=None, models=None, limit: int|None = None,
               budget: float|None = None, yes: bool = False, run_id: str|None = None,
               progress: bool = True, overrides: dict|None = None, cache: ResponseCache|None = None) -> Path:
     "Run (or resume) a phase and return its run folder; see the cells above for what is written."
     from tqdm.auto import tqdm
     cfg, registry = load_phase(phase, config, models, overrides)
-    if budget is not None and (not isinstance(budget, (int, float)) or budget < 0):
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not math.isfinite(budget) or budget < 0):
         raise ConfigError(f"--budget is {budget!r}; give a number of dollars >= 0.")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"--limit is {limit!r}; give a whole number of items >= 1.")
     cap = cfg.budget_usd if budget is None else float(budget)
     cache = cache if cache is not None else ResponseCache()
 
-    # plan and estimate, before any call
+    # plan, check every learner can be reached (keys present), and estimate, before any call
     pl = plan(cfg, limit)
+    check_providers(cfg, registry)
     est = estimate(cfg, registry, limit, cache)
     check_budget(est, cap, yes)
     run_dir, resumed = prepare_run(cfg, limit, run_id)
@@ -229,7 +245,7 @@ def run_phase(phase: str|None = None, config=None, models=None, limit: int|None 
     with _Lock(run_dir):
         return _execute(cfg, registry, pl, est, cap, run_dir, resumed, limit, progress, cache, tqdm)
 
-# %% ../nbs/06_runner.ipynb #aa8cbb5d
+# %% ../nbs/06_runner.ipynb #20bbdb81
 def _recover_ledger(records, ledger, cache, tag) -> list[dict]:
     "Ledger lines lost to a kill between caching an answer and logging it, rebuilt from the cache's `paid_by` tags."
     seen = {c["key"] for c in ledger if not c.get("failed")}
@@ -270,7 +286,7 @@ def _manifest(cfg, registry, pl, est, cap, run_dir, limit, started, status, reco
         items_done=sum(1 for recs in latest_records(records).values() if _done(recs)), items_failed=items_failed,
     )
 
-# %% ../nbs/06_runner.ipynb #20bbdb81
+# %% ../nbs/06_runner.ipynb #1ab7e824
 def _execute(cfg, registry, pl, est, cap, run_dir, resumed, limit, progress, cache, tqdm) -> Path:
     rec_path, ledger_path, man_path = run_dir/"records.jsonl", run_dir/"calls.jsonl", run_dir/"manifest.json"
     started = _now()
@@ -301,7 +317,8 @@ def _execute(cfg, registry, pl, est, cap, run_dir, resumed, limit, progress, cac
     bar = tqdm(total=len(todo), desc=f"{cfg.name}", unit="item", disable=not progress)
     try:
         run_sync(_run_cells(client, cfg, todo, write, bar, state))
-        status = state["stop"] or "complete"
+        failed_items = sum(1 for recs in latest_records(records).values() if not _done(recs))
+        status = state["stop"] or ("failed" if failed_items else "complete")
     except KeyboardInterrupt:
         status = "interrupted"
         raise
@@ -321,7 +338,7 @@ def _execute(cfg, registry, pl, est, cap, run_dir, resumed, limit, progress, cac
             logger.warning("%d item(s) have a failed call; run the same command again to retry them", man["items_failed"])
     return run_dir
 
-# %% ../nbs/06_runner.ipynb #1ab7e824
+# %% ../nbs/06_runner.ipynb #a1df8a9c
 def _compact(rec_path: Path, records: list[dict]) -> None:
     "Keep the latest attempt of each item in `records.jsonl`; move earlier attempts to `records.superseded.jsonl`."
     latest = latest_records(records)
@@ -334,7 +351,7 @@ def _compact(rec_path: Path, records: list[dict]) -> None:
     os.replace(tmp, rec_path)
     records[:] = keep
 
-# %% ../nbs/06_runner.ipynb #be58bb9b
+# %% ../nbs/06_runner.ipynb #80cf48cb
 def check_params(phase="", config="", models="", limit=0, budget=-1.0, yes=False, run_id="", overrides=None) -> dict:
     "`run_phase` keyword arguments from the phase notebook's parameters, or a ConfigError naming the bad one."
     def bad(name, v, want): return ConfigError(f"papermill parameter {name} is {v!r} ({type(v).__name__}); "

@@ -14,7 +14,7 @@ from .core import cache_dir, canonical_json, sha256_text
 
 # %% auto #0
 __all__ = ['logger', 'STATUSES', 'HARNESS_VERSION', 'extract_program', 'Verdict', 'sandbox_backend', 'verdict_key',
-           'check_humaneval', 'public_examples', 'run_public_examples']
+           'exposed_secrets', 'check_humaneval', 'public_examples', 'run_public_examples']
 
 # %% ../nbs/04a_sandbox.ipynb #0efa6521
 logger = logging.getLogger(__name__)
@@ -553,7 +553,21 @@ def _check_timeout(timeout):
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
         raise ValueError(f"timeout is {timeout!r}; give seconds as a number in (0, 600].")
 
-# %% ../nbs/04a_sandbox.ipynb #db9029d9
+# %% ../nbs/04a_sandbox.ipynb #edbec0a4
+_SECRET_ENV = re.compile(r"(API_KEY|API_TOKEN|_TOKEN|SECRET|PASSWORD)$")
+
+def exposed_secrets(backend: str|None = None) -> list[str]:
+    "Secret-looking environment variables a sandboxed program could read under `backend`."
+    backend = backend or sandbox_backend()
+    if backend == "bubblewrap": return []
+    if os.geteuid() == 0 and _world_readable(_py_prefix()): return []
+    return sorted(k for k, v in os.environ.items() if _SECRET_ENV.search(k) and v)
+
+def _cached_verdict(key) -> bool:
+    try: return _verdict_cache().get(key) is not None
+    except Exception: return False
+
+# %% ../nbs/04a_sandbox.ipynb #16bcc06b
 def check_humaneval(problem: dict, response: str, timeout: float = 10.0,
                     cache: bool = True) -> Verdict:
     "Extract the program from `response`, run it with `problem`'s hidden tests in the sandbox."
@@ -566,6 +580,11 @@ def check_humaneval(problem: dict, response: str, timeout: float = 10.0,
 
     # cached verdict
     key = verdict_key(program, problem, timeout, backend)
+    exposed = exposed_secrets(backend)
+    if exposed and not (cache and _cached_verdict(key)):
+        raise RuntimeError(f"HumanEval programs would run in the '{backend}' fallback as this user, where they "
+                           f"could read this process's environment, which holds {exposed}. Install bubblewrap "
+                           "(apt-get install bubblewrap) or unset those variables before scoring HumanEval.")
     store = _verdict_cache() if cache else None
     if store is not None:
         try:
@@ -586,7 +605,7 @@ def check_humaneval(problem: dict, response: str, timeout: float = 10.0,
         except Exception as e: logger.warning("Verdict cache write failed (%s); continuing.", e)
     return v
 
-# %% ../nbs/04a_sandbox.ipynb #47d5c4b7
+# %% ../nbs/04a_sandbox.ipynb #1c66e2ab
 def _docstring(prompt: str, entry: str) -> str:
     "The docstring of `entry` in `prompt` (ast first, then the text after its `def`)."
     try:
@@ -626,7 +645,7 @@ def public_examples(problem: dict) -> list[tuple[str, str]]:
         if _compiles(code): out.append((code, "\n".join(want)))
     return out
 
-# %% ../nbs/04a_sandbox.ipynb #270994fc
+# %% ../nbs/04a_sandbox.ipynb #e0250273
 def _examples_feedback(examples, run: _Run, timeout: float) -> tuple[int, int, str]:
     "Count the passing examples of a run and say what went wrong, for the learner to read."
     n = len(examples)
