@@ -25,7 +25,8 @@ def _papermill(nb: Path, out: Path, params: dict, cwd: Path) -> None:
 # %% ../nbs/10_cli.ipynb #952d173c
 def cmd_run(a) -> int:
     "Validate, estimate, then run the phase notebook into its run folder and say where it went."
-    from scaling_study.runner import run_phase, prepare_run, plan, estimate, check_budget, check_providers
+    from scaling_study.runner import (run_phase, prepare_run, plan, estimate, check_budget,
+                                      check_providers)
     from scaling_study.cache import ResponseCache
     cfg, reg = load_phase(a.phase if not a.config else None, a.config, a.models)
     check_providers(cfg, reg)
@@ -36,10 +37,13 @@ def cmd_run(a) -> int:
     run_dir, resumed = prepare_run(cfg, a.limit)
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"{'Resuming' if resumed else 'Starting'} {cfg.name} in {run_dir}", file=sys.stderr)
-    params = dict(phase=cfg.name if not a.config else "", config=str(Path(a.config).resolve()) if a.config else "",
+    params = dict(phase=cfg.name if not a.config else "",
+                  config=str(Path(a.config).resolve()) if a.config else "",
                   models=str(Path(a.models).resolve()) if a.models else "", limit=a.limit or 0,
-                  budget=-1.0 if a.budget is None else float(a.budget), yes=bool(a.yes), run_id=run_dir.name)
-    try: _papermill(_nb("phases/run_phase.ipynb"), run_dir/"run_phase.ipynb", params, project_root())
+                  budget=-1.0 if a.budget is None else float(a.budget), yes=bool(a.yes),
+                  run_id=run_dir.name)
+    try:
+        _papermill(_nb("phases/run_phase.ipynb"), run_dir/"run_phase.ipynb", params, project_root())
     except Exception as e:
         man = run_dir/"manifest.json"
         status = json.loads(man.read_text())["status"] if man.exists() else "failed"
@@ -48,7 +52,8 @@ def cmd_run(a) -> int:
               f"The executed notebook is {run_dir/'run_phase.ipynb'}.", file=sys.stderr)
         return 1
     man = json.loads((run_dir/"manifest.json").read_text())
-    print(json.dumps({k: man[k] for k in ("run_id", "status", "calls", "cost_usd", "records")}, indent=1))
+    print(json.dumps({k: man[k] for k in ("run_id", "status", "calls", "cost_usd", "records")},
+                     indent=1))
     print(run_dir)
     return 0 if man["status"] == "complete" else 3
 
@@ -62,7 +67,8 @@ def cmd_estimate(a) -> int:
     print(est.to_string(index=False))
     tot = est.usd_uncached.sum(min_count=1) if not est.usd_uncached.isna().any() else None
     print(f"\nphase {cfg.name}: up to {int(est.max_calls.sum())} calls; "
-          + (f"up to ${tot:.4f} uncached" if tot is not None else "cost unknown (a price is missing)")
+          + (f"up to ${tot:.4f} uncached" if tot is not None
+             else "cost unknown (a price is missing)")
           + f"; budget ${cfg.budget_usd:.2f}")
     return 0
 
@@ -83,8 +89,8 @@ def cmd_models(a) -> int:
     if a.check:
         rows = remote.models_check(reg)
         for r in rows:
-            print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['model']:<20} {r['provider']:<18} key: {r['key']}; "
-                  f"endpoint: {r['endpoint']}")
+            print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['model']:<20} {r['provider']:<18} "
+                  f"key: {r['key']}; endpoint: {r['endpoint']}")
         return 0
     print(remote.models_doc(reg))
     return 0
@@ -125,18 +131,23 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=f"{name} a phase (configs/phases/PHASE.yaml)")
         s.add_argument("phase", nargs="?", help="phase name, e.g. local, phase1")
         s.add_argument("--config", help="a phase file by path instead of PHASE")
-        s.add_argument("--models", help="a YAML file of model entries merged over configs/models.yaml")
+        s.add_argument("--models",
+                       help="a YAML file of model entries merged over configs/models.yaml")
         s.add_argument("--limit", type=int, help="at most N items per dataset")
         if name == "run":
-            s.add_argument("--budget", type=float, help="cap spend at USD (default: the phase's budget_usd)")
-            s.add_argument("--yes", action="store_true", help="start even if the estimate exceeds the budget")
+            s.add_argument("--budget", type=float,
+                           help="cap spend at USD (default: the phase's budget_usd)")
+            s.add_argument("--yes", action="store_true",
+                           help="start even if the estimate exceeds the budget")
     s = sub.add_parser("analyze", help="tables and figures from the runs of PHASE(s)")
     s.add_argument("phases", nargs="*")
     s = sub.add_parser("models", help="the model registry")
-    s.add_argument("--check", action="store_true", help="is each key present and does each endpoint answer?")
+    s.add_argument("--check", action="store_true",
+                   help="is each key present and does each endpoint answer?")
     s.add_argument("--doc", action="store_true", help="write the registry as a markdown table")
     s.add_argument("--models", help="extra model entries")
-    sub.add_parser("datasets", help="each dataset with its counts, license and whether its files are present")
+    sub.add_parser("datasets",
+                   help="each dataset with its counts, license and whether its files are present")
     s = sub.add_parser("package", help="an anonymised archive for double-blind review")
     s.add_argument("--out", help="archive path")
     s.add_argument("--with-cache", action="store_true", help="include the request cache")
@@ -144,8 +155,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("archive")
     return p
 
-COMMANDS = {"run": cmd_run, "estimate": cmd_estimate, "analyze": cmd_analyze, "datasets": cmd_datasets, "models": cmd_models,
-            "package": cmd_package, "reproduce": cmd_reproduce}
+COMMANDS = {"run": cmd_run, "estimate": cmd_estimate, "analyze": cmd_analyze,
+            "datasets": cmd_datasets, "models": cmd_models, "package": cmd_package,
+            "reproduce": cmd_reproduce}
 
 # %% ../nbs/10_cli.ipynb #d6f71f39
 def main(argv=None) -> int:
@@ -154,14 +166,16 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if a.cmd in ("run", "estimate") and not a.phase and not a.config:
-        print("error: name a phase (e.g. `scaling-study run local`) or pass --config FILE", file=sys.stderr)
+        print("error: name a phase (e.g. `scaling-study run local`) or pass --config FILE",
+              file=sys.stderr)
         return 2
     if a.cmd in ("run", "estimate") and a.limit is not None and a.limit < 1:
         print(f"error: --limit is {a.limit}; give a whole number of items >= 1", file=sys.stderr)
         return 2
     fn = COMMANDS.get(a.cmd)
     if fn is None:
-        print(f"error: `{a.cmd}` is not available in this version of scaling_study", file=sys.stderr)
+        print(f"error: `{a.cmd}` is not available in this version of scaling_study",
+              file=sys.stderr)
         return 2
     try: return fn(a)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:

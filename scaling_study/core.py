@@ -21,7 +21,8 @@ class ConfigError(ValueError):
 
 # %% ../nbs/00_core.ipynb #eb75b8bd
 def project_root() -> Path:
-    "The folder holding `configs/models.yaml`: `$SCALING_STUDY_ROOT`, else the nearest parent of cwd or of this package."
+    ("The folder holding `configs/models.yaml`: `$SCALING_STUDY_ROOT`, "
+     "else the nearest parent of cwd or of this package.")
     env = os.environ.get("SCALING_STUDY_ROOT")
     if env: return Path(env).resolve()
     here = Path(globals().get("__file__", Path.cwd())).resolve().parent
@@ -84,27 +85,32 @@ class ModelEntry:
 
 # %% ../nbs/00_core.ipynb #985b2bb1
 def _as_number(name, key, v):
-    "PyYAML reads `1.35e8` (no dot before the exponent sign) as a string; accept it as the number it means."
+    ("PyYAML reads `1.35e8` (no dot before the exponent sign) as a string; "
+     "accept it as the number it means.")
     if isinstance(v, str):
         try: return float(v)
         except ValueError:
-            raise ConfigError(f"models.yaml: {name}.{key} is {v!r}; give a number (e.g. 1.35e+8) or null.") from None
+            raise ConfigError(f"models.yaml: {name}.{key} is {v!r}; "
+                              "give a number (e.g. 1.35e+8) or null.") from None
     return v
 
 def _check_params(name, p):
     if p.get("count") is not None:
         p["count"] = _as_number(name, "params.count", p["count"])
-        if isinstance(p["count"], bool) or not isinstance(p["count"], (int, float)) or p["count"] <= 0:
-            raise ConfigError(f"models.yaml: {name}.params.count is {p['count']!r}; give a positive number or null.")
+        if (isinstance(p["count"], bool) or not isinstance(p["count"], (int, float))
+                or p["count"] <= 0):
+            raise ConfigError(f"models.yaml: {name}.params.count is {p['count']!r}; "
+                              "give a positive number or null.")
     src = str(p.get("source", "unknown"))
     kind = src.split(":")[0].strip()
     if kind not in ("published", "estimate", "unknown"):
-        raise ConfigError(f"models.yaml: {name}.params.source is {src!r}; use 'published: <citation>', "
-                          "'estimate: <citation>' or 'unknown'.")
+        raise ConfigError(f"models.yaml: {name}.params.source is {src!r}; "
+                          "use 'published: <citation>', 'estimate: <citation>' or 'unknown'.")
     if kind == "unknown" and p.get("count") is not None:
         raise ConfigError(f"models.yaml: {name} has a parameter count but source 'unknown'; "
                           "cite where the count comes from or set count to null.")
-    if kind != "unknown" and (p.get("count") is None or ":" not in src or not src.split(":", 1)[1].strip()):
+    if kind != "unknown" and (p.get("count") is None or ":" not in src
+                              or not src.split(":", 1)[1].strip()):
         raise ConfigError(f"models.yaml: {name}.params needs both a count and a citation after "
                           f"{kind!r}:, got {p!r}.")
 
@@ -112,24 +118,28 @@ _LIMIT_KEYS = {"concurrency", "rpm", "tpm", "timeout", "connect_timeout"}
 
 def _check_limits(name, lim):
     "Limits are positive numbers under known keys: a typo must not silently fall back to a default."
-    if not isinstance(lim, dict): raise ConfigError(f"models.yaml: {name}.limits must be a mapping, got {lim!r}.")
+    if not isinstance(lim, dict):
+        raise ConfigError(f"models.yaml: {name}.limits must be a mapping, got {lim!r}.")
     for k, v in lim.items():
         if k not in _LIMIT_KEYS:
-            raise ConfigError(f"models.yaml: {name}.limits has unknown key {k!r}.{_suggest(k, _LIMIT_KEYS)} "
-                              f"Allowed: {sorted(_LIMIT_KEYS)}.")
+            raise ConfigError(f"models.yaml: {name}.limits has unknown key {k!r}."
+                              f"{_suggest(k, _LIMIT_KEYS)} Allowed: {sorted(_LIMIT_KEYS)}.")
         if v is None: continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ConfigError(f"models.yaml: {name}.limits.{k} is {v!r}; give a positive number or null.")
+            raise ConfigError(f"models.yaml: {name}.limits.{k} is {v!r}; "
+                              "give a positive number or null.")
         if k == "concurrency" and not float(v).is_integer():
-            raise ConfigError(f"models.yaml: {name}.limits.concurrency is {v!r}; give a whole number >= 1.")
+            raise ConfigError(f"models.yaml: {name}.limits.concurrency is {v!r}; "
+                              "give a whole number >= 1.")
 
 def model_entry(name: str, d: dict) -> ModelEntry:
     "Validate one raw registry entry `d` and return it as a `ModelEntry`."
-    if not isinstance(d, dict): raise ConfigError(f"models.yaml: entry {name!r} must be a mapping, got {d!r}.")
+    if not isinstance(d, dict):
+        raise ConfigError(f"models.yaml: entry {name!r} must be a mapping, got {d!r}.")
     for k in d:
         if k not in _MODEL_KEYS:
-            raise ConfigError(f"models.yaml: {name} has unknown key {k!r}.{_suggest(k, _MODEL_KEYS)} "
-                              f"Allowed: {sorted(_MODEL_KEYS)}.")
+            raise ConfigError(f"models.yaml: {name} has unknown key {k!r}."
+                              f"{_suggest(k, _MODEL_KEYS)} Allowed: {sorted(_MODEL_KEYS)}.")
     if d.get("provider") not in PROVIDERS:
         raise ConfigError(f"models.yaml: {name}.provider is {d.get('provider')!r}; "
                           f"use one of {list(PROVIDERS)}.{_suggest(d.get('provider'), PROVIDERS)}")
@@ -143,13 +153,15 @@ def model_entry(name: str, d: dict) -> ModelEntry:
     price = d.get("price") or {}
     for k in price:
         if k not in _PRICE_KEYS:
-            raise ConfigError(f"models.yaml: {name}.price has unknown key {k!r}.{_suggest(k, _PRICE_KEYS)}")
+            raise ConfigError(f"models.yaml: {name}.price has unknown key {k!r}."
+                              f"{_suggest(k, _PRICE_KEYS)}")
     for k in ("input", "cached_input", "cache_write", "output", "per_second"):
         if price.get(k) is not None: price[k] = _as_number(name, f"price.{k}", price[k])
         v = price.get(k)
         if v is not None and (not isinstance(v, (int, float)) or v < 0):
-            raise ConfigError(f"models.yaml: {name}.price.{k} is {v!r}; give USD per million tokens "
-                              "(per second for per_second) as a number >= 0, or null if unknown.")
+            raise ConfigError(f"models.yaml: {name}.price.{k} is {v!r}; "
+                              "give USD per million tokens (per second for per_second) "
+                              "as a number >= 0, or null if unknown.")
     return ModelEntry(name=name, **{k: v for k, v in d.items() if k != "params"}, params=params)
 
 # %% ../nbs/00_core.ipynb #4f3dc7fa
@@ -160,7 +172,8 @@ def load_models(extra: str|Path|None = None) -> dict[str, ModelEntry]:
         p = Path(extra)
         if not p.exists(): raise ConfigError(f"--models file {str(p)!r} does not exist.")
         more = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(more, dict): raise ConfigError(f"--models file {str(p)!r} must map model names to entries.")
+        if not isinstance(more, dict):
+            raise ConfigError(f"--models file {str(p)!r} must map model names to entries.")
         raw.update(more)
     return {name: model_entry(name, d) for name, d in raw.items()}
 
@@ -171,7 +184,8 @@ _PHASE_DEFAULTS = dict(feedback="intrinsic", max_turns=3, temperature=0.0, max_t
 
 @dataclass
 class PhaseConfig:
-    "A validated phase: learners x datasets x items, the feedback policy, turns, sampling and budget."
+    ("A validated phase: learners x datasets x items, the feedback policy, turns, "
+     "sampling and budget.")
     name: str
     models: list
     datasets: dict
@@ -197,13 +211,16 @@ def _num(name, key, v, lo, integer=False):
         raise ConfigError(f"phase {name}: {key} is {v!r}; it must be {kind} >= {lo}.")
 
 def phase_config(d: dict, models: dict, dataset_names) -> PhaseConfig:
-    "Validate the raw phase mapping `d` against the registry `models` and the known `dataset_names`."
-    if not isinstance(d, dict): raise ConfigError(f"A phase file must be a mapping, got {type(d).__name__}.")
+    ("Validate the raw phase mapping `d` against the registry `models` "
+     "and the known `dataset_names`.")
+    if not isinstance(d, dict):
+        raise ConfigError(f"A phase file must be a mapping, got {type(d).__name__}.")
     allowed = {"name", "models", "datasets", *_PHASE_DEFAULTS}
     name = d.get("name", "?")
     for k in d:
         if k not in allowed:
-            raise ConfigError(f"phase {name}: unknown key {k!r}.{_suggest(k, allowed)} Allowed: {sorted(allowed)}.")
+            raise ConfigError(f"phase {name}: unknown key {k!r}.{_suggest(k, allowed)} "
+                              f"Allowed: {sorted(allowed)}.")
     for k in ("name", "models", "datasets"):
         if k not in d: raise ConfigError(f"phase {name}: the key {k!r} is missing.")
     ms = d["models"]
@@ -212,10 +229,12 @@ def phase_config(d: dict, models: dict, dataset_names) -> PhaseConfig:
     for m in ms:
         if m not in models:
             raise ConfigError(f"phase {name}: unknown model {m!r}.{_suggest(m, models)} "
-                              f"Known: {sorted(models)} (add it to configs/models.yaml or pass --models).")
+                              f"Known: {sorted(models)} "
+                              "(add it to configs/models.yaml or pass --models).")
     ds = d["datasets"]
     if not isinstance(ds, dict) or not ds:
-        raise ConfigError(f"phase {name}: datasets must map dataset names to item counts, got {ds!r}.")
+        raise ConfigError(f"phase {name}: datasets must map dataset names to item counts, "
+                          f"got {ds!r}.")
     for k, n in ds.items():
         if k not in dataset_names:
             raise ConfigError(f"phase {name}: unknown dataset {k!r}.{_suggest(k, dataset_names)} "
@@ -223,35 +242,42 @@ def phase_config(d: dict, models: dict, dataset_names) -> PhaseConfig:
         _num(name, f"datasets.{k}", n, 1, integer=True)
     cfg = {**_PHASE_DEFAULTS, **d}
     if cfg["feedback"] not in POLICIES:
-        raise ConfigError(f"phase {name}: feedback is {cfg['feedback']!r}; use one of {list(POLICIES)}."
-                          f"{_suggest(cfg['feedback'], POLICIES)}")
+        raise ConfigError(f"phase {name}: feedback is {cfg['feedback']!r}; "
+                          f"use one of {list(POLICIES)}.{_suggest(cfg['feedback'], POLICIES)}")
     if cfg["feedback"] == "execution" and set(ds) != {"humaneval"}:
-        raise ConfigError(f"phase {name}: the execution policy runs code examples, so it only applies to "
-                          f"humaneval; this phase also has {sorted(set(ds) - {'humaneval'})}. Split the phase.")
+        raise ConfigError(f"phase {name}: the execution policy runs code examples, "
+                          "so it only applies to humaneval; "
+                          f"this phase also has {sorted(set(ds) - {'humaneval'})}. "
+                          "Split the phase.")
     _num(name, "max_turns", cfg["max_turns"], 1, integer=True)
     _num(name, "max_tokens", cfg["max_tokens"], 1, integer=True)
     _num(name, "temperature", cfg["temperature"], 0)
     _num(name, "budget_usd", cfg["budget_usd"], 0)
     _num(name, "seed", cfg["seed"], 0, integer=True)
     _num(name, "samples", cfg["samples"], 1, integer=True)
-    if cfg["confidence_threshold"] is not None: _num(name, "confidence_threshold", cfg["confidence_threshold"], 0)
+    if cfg["confidence_threshold"] is not None:
+        _num(name, "confidence_threshold", cfg["confidence_threshold"], 0)
     return PhaseConfig(**cfg)
 
 # %% ../nbs/00_core.ipynb #0ed9a3cb
 def load_phase(phase: str|None = None, config: str|Path|None = None, models: str|Path|None = None,
                overrides: dict|None = None) -> tuple[PhaseConfig, dict[str, ModelEntry]]:
-    "Read `configs/phases/{phase}.yaml` (or the file `config`), apply `overrides`, validate; return it with the registry."
+    ("Read `configs/phases/{phase}.yaml` (or the file `config`), apply `overrides`, validate; "
+     "return it with the registry.")
     from scaling_study.datasets import DATASETS
     if config is None:
-        if not phase: raise ConfigError("Name a phase (configs/phases/NAME.yaml) or pass --config FILE.")
+        if not phase:
+            raise ConfigError("Name a phase (configs/phases/NAME.yaml) or pass --config FILE.")
         config = project_root()/"configs"/"phases"/f"{phase}.yaml"
         if not config.exists():
             known = sorted(p.stem for p in config.parent.glob("*.yaml"))
-            raise ConfigError(f"No phase {phase!r}: {config} does not exist. Known phases: {known}.")
+            raise ConfigError(f"No phase {phase!r}: {config} does not exist. "
+                              f"Known phases: {known}.")
     p = Path(config)
     if not p.exists(): raise ConfigError(f"Phase file {str(p)!r} does not exist.")
     try: raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e: raise ConfigError(f"Phase file {str(p)!r} is not valid YAML: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Phase file {str(p)!r} is not valid YAML: {e}") from None
     raw = {**(raw or {}), **(overrides or {})}
     reg = load_models(models)
     return phase_config(raw, reg, list(DATASETS)), reg

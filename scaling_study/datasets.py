@@ -45,7 +45,8 @@ def register(spec: DatasetSpec) -> DatasetSpec:
 
 # %% ../nbs/03_datasets.ipynb #96a974a7
 def read_jsonl(path) -> list[dict]:
-    "Records of the JSON-lines file `path` (gzip if it ends in .gz); a bad line raises naming file and line."
+    ("Records of the JSON-lines file `path` (gzip if it ends in .gz); "
+     "a bad line raises naming file and line.")
     import gzip
     opener = gzip.open if str(path).endswith(".gz") else open
     out = []
@@ -54,7 +55,8 @@ def read_jsonl(path) -> list[dict]:
             if not line.strip(): continue
             try: out.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg}). The data file is damaged; "
+                raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg}). "
+                                 "The data file is damaged; "
                                  "copy it again from ../shared/data.") from None
     return out
 
@@ -63,12 +65,13 @@ ANSWER_LINE = "Final answer:"
 
 def _gsm8k_items(paths) -> list[dict]:
     rows = read_jsonl(paths[0])
-    return [dict(id=f"gsm8k-{i:04d}", question=r["question"], answer=r["answer"].split("####")[-1].strip(),
-                 solution=r["answer"]) for i, r in enumerate(rows)]
+    return [dict(id=f"gsm8k-{i:04d}", question=r["question"],
+                 answer=r["answer"].split("####")[-1].strip(), solution=r["answer"])
+            for i, r in enumerate(rows)]
 
 def _gsm8k_prompt(item) -> str:
-    return (f"Solve this math word problem. Think step by step, then give the result on its own line "
-            f"as '{ANSWER_LINE} <number>'.\n\nQuestion: {item['question']}")
+    return (f"Solve this math word problem. Think step by step, then give the result "
+            f"on its own line as '{ANSWER_LINE} <number>'.\n\nQuestion: {item['question']}")
 
 register(DatasetSpec("gsm8k", ["gsm8k/test.jsonl"], "MIT", _gsm8k_items, _gsm8k_prompt, "gsm8k-v1",
                      expected=1319))
@@ -83,7 +86,8 @@ def _missing_msg(spec) -> str:
             f"{(' ' + spec.note) if spec.note and not spec.missing else ''}")
 
 def _read_checked(spec) -> list[dict]:
-    "All items of `spec`; a record with missing fields or a file with fewer records than expected is an error."
+    ("All items of `spec`; a record with missing fields or a file with fewer records than expected "
+     "is an error.")
     where = ", ".join(str(p) for p in spec.paths())
     try: items = spec.reader(spec.paths())
     except (KeyError, TypeError, IndexError, AttributeError) as e:
@@ -92,7 +96,8 @@ def _read_checked(spec) -> list[dict]:
                          "../shared/data (see its PROVENANCE.md for the sha256).") from None
     if spec.expected and len(items) < spec.expected:
         raise ValueError(f"{spec.name}: {where} holds {len(items)} records, but the benchmark has "
-                         f"{spec.expected}. The file is empty or cut short; copy it again from ../shared/data.")
+                         f"{spec.expected}. The file is empty or cut short; "
+                         "copy it again from ../shared/data.")
     return items
 
 def load(name: str, n: int|None = None, seed: int = 0) -> list[dict]:
@@ -106,7 +111,8 @@ def load(name: str, n: int|None = None, seed: int = 0) -> list[dict]:
     items = sorted(_LOADED[key], key=lambda it: sha256_text(f"{seed}:{it['id']}"))
     if n is not None:
         if n > len(items):
-            warnings.warn(f"{name}: asked for {n} items but it has {len(items)}; using {len(items)}.")
+            warnings.warn(f"{name}: asked for {n} items but it has {len(items)}; "
+                          f"using {len(items)}.")
         items = items[:n]
     return [dict(it, dataset=name) for it in items]
 
@@ -133,8 +139,9 @@ def _humaneval_items(paths) -> list[dict]:
     return out
 
 def _humaneval_prompt(item) -> str:
-    return ("Complete the following Python function. Reply with the complete function, including its "
-            "signature and any imports it needs, in a single ```python code block.\n\n"
+    return ("Complete the following Python function. Reply with the complete function, "
+            "including its signature and any imports it needs, "
+            "in a single ```python code block.\n\n"
             f"```python\n{item['prompt'].rstrip()}\n```")
 
 register(DatasetSpec("humaneval", ["humaneval/HumanEval.jsonl.gz"], "MIT", _humaneval_items,
@@ -177,8 +184,8 @@ def _rte_prompt(it):
 # %% ../nbs/03_datasets.ipynb #d722ea71
 def _copa(r):
     return dict(id=f"copa-{r['idx']:04d}", premise=r["premise"], choice1=r["choice1"],
-                choice2=r["choice2"], question=r["question"], label=r["label"], answer=r["label"] + 1,
-                answer_text=str(r["label"] + 1))
+                choice2=r["choice2"], question=r["question"], label=r["label"],
+                answer=r["label"] + 1, answer_text=str(r["label"] + 1))
 
 def _copa_prompt(it):
     what = "CAUSE" if it["question"] == "cause" else "EFFECT (the result)"
@@ -224,7 +231,8 @@ def _multirc_items(paths) -> list[dict]:
 
 def _multirc_prompt(it):
     opts = "\n".join(f"{i}. {o}" for i, o in enumerate(it["options"], 1))
-    return ("Read the paragraph and answer the question. Each numbered option may be correct or not; "
+    return ("Read the paragraph and answer the question. "
+            "Each numbered option may be correct or not; "
             f"any number of them can be correct, including none.\n\nParagraph: {it['passage']}\n\n"
             f"Question: {it['question']}\n{opts}\n\nThink briefly, then list the numbers of all "
             f"correct options on one line as '{ANSWER_LINE} 1, 3' (or '{ANSWER_LINE} none').")
@@ -257,8 +265,8 @@ def _mb_record(r, path, i, stage, kind) -> dict:
     if kind == "single_choice":
         opts = r.get("options")
         if not isinstance(opts, list) or len(opts) < 2:
-            raise ValueError(f"{path}, line {i + 1}: a single-choice record needs a list `options`, "
-                             f"got {opts!r}.")
+            raise ValueError(f"{path}, line {i + 1}: "
+                             f"a single-choice record needs a list `options`, got {opts!r}.")
         letters = "ABCDEFGH"[:len(opts)]
         if item["answer"].upper() not in letters:
             raise ValueError(f"{path}, line {i + 1}: answer {r['answer']!r} is not one of "
@@ -293,7 +301,8 @@ def _mathbench_prompt(it) -> str:
 
 _MB_DIR = "data/mathbench/mathbench_v1"
 register(DatasetSpec("mathbench", ["mathbench/mathbench_v1"],
-                     "see the open-compass/MathBench release", lambda paths: read_mathbench(paths[0]),
+                     "see the open-compass/MathBench release",
+                     lambda paths: read_mathbench(paths[0]),
                      _mathbench_prompt, "mathbench-v1",
                      note="English single-choice and cloze files; expected count not checked.",
                      missing=_MB_WHERE.format(_MB_DIR + "/", _MB_DIR)))
@@ -321,7 +330,8 @@ def _toolqa_note() -> str:
     t = toolqa.subset_table()
     ok = t[t.available & t.subset.isin(TOOLQA_SUBSETS)]
     off = t[~t.available]
-    return (f"available offline: {', '.join(f'{s} ({n})' for s, n in zip(ok.subset, ok.questions))}; "
+    return ("available offline: "
+            f"{', '.join(f'{s} ({n})' for s, n in zip(ok.subset, ok.questions))}; "
             f"gsm8k-easy (100) is the separate dataset toolqa-gsm8k (it duplicates GSM8K test); "
             f"not available: {len(off)} subsets, {int(off.questions.sum())} questions "
             f"({', '.join(sorted({toolqa.subset_domain(s) for s in off.subset}))}: "

@@ -19,14 +19,17 @@ __all__ = ['logger', 'PROMPT_VERSION', 'SYSTEM', 'CONFIDENCE_ASK', 'REVIEW', 'OR
 # %% ../nbs/05_loop.ipynb #ef8c27b6
 logger = logging.getLogger(__name__)
 PROMPT_VERSION = "loop-v1"
-SYSTEM = "You are a careful problem solver. Answer the question, following the requested format exactly."
-CONFIDENCE_ASK = "On the last line, write 'Confidence: <0-100>%' for how sure you are of the answer."
+SYSTEM = ("You are a careful problem solver. "
+          "Answer the question, following the requested format exactly.")
+CONFIDENCE_ASK = ("On the last line, write 'Confidence: <0-100>%' "
+                  "for how sure you are of the answer.")
 
 # %% ../nbs/05_loop.ipynb #0ef55526
 def parse_confidence(text: str|None) -> float|None:
     "The last 'Confidence: N%' in `text` as a fraction in [0, 1]; None if absent."
     if not text: return None
-    hits = re.findall(r"confidence\s*(?:level)?\s*[:=]?\s*(\d{1,3}(?:\.\d+)?)\s*(%|/\s*100|/\s*10\b)?", text, re.I)
+    hits = re.findall(r"confidence\s*(?:level)?\s*[:=]?\s*"
+                      r"(\d{1,3}(?:\.\d+)?)\s*(%|/\s*100|/\s*10\b)?", text, re.I)
     if not hits: return None
     v, unit = hits[-1]
     v = float(v)
@@ -39,7 +42,8 @@ REVIEW = ("Review your previous answer for mistakes. If you find an error, corre
           "keep your answer. Then give the answer again in the same format "
           f"('{ANSWER_LINE} ...') and a new 'Confidence: <0-100>%' line.")
 ORACLE_WRONG = ("Your previous answer is incorrect. Reconsider the problem and try again. Give the "
-                f"answer in the same format ('{ANSWER_LINE} ...') and a new 'Confidence: <0-100>%' line.")
+                f"answer in the same format ('{ANSWER_LINE} ...') "
+                "and a new 'Confidence: <0-100>%' line.")
 
 @dataclass
 class Turn:
@@ -68,14 +72,17 @@ class Oracle(Policy):
 
 # %% ../nbs/05_loop.ipynb #7ffc3ca2
 TEMPLATES = {
-    "concise_retry": ("Your previous reply did not end with a usable final answer. Answer again briefly, "
-                      f"ending with '{ANSWER_LINE} ...' and 'Confidence: <0-100>%'."),
-    "rederive": ("A reviewer checked your working and found a calculation that does not hold: {detail}. "
-                 "Re-derive the answer step by step, recomputing every operation. " + REVIEW.split(". ", 2)[-1]),
-    "devils_advocate": ("A reviewer notes that your answer {detail}. Argue against your own answer: what "
-                        "would make it wrong? Then decide. " + REVIEW.split(". ", 2)[-1]),
-    "fresh_approach": ("You gave the same answer again while unsure. Solve the problem a different way "
-                       "from scratch and compare. " + REVIEW.split(". ", 2)[-1]),
+    "concise_retry": ("Your previous reply did not end with a usable final answer. "
+                      "Answer again briefly, ending with "
+                      f"'{ANSWER_LINE} ...' and 'Confidence: <0-100>%'."),
+    "rederive": ("A reviewer checked your working and found a calculation that does not hold: "
+                 "{detail}. Re-derive the answer step by step, recomputing every operation. "
+                 + REVIEW.split(". ", 2)[-1]),
+    "devils_advocate": ("A reviewer notes that your answer {detail}. "
+                        "Argue against your own answer: what would make it wrong? Then decide. "
+                        + REVIEW.split(". ", 2)[-1]),
+    "fresh_approach": ("You gave the same answer again while unsure. Solve the problem "
+                       "a different way from scratch and compare. " + REVIEW.split(". ", 2)[-1]),
     "verify": REVIEW,
 }
 _EQ = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/x\u00d7])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
@@ -86,18 +93,21 @@ def _false_equation(text: str) -> str|None:
         op = {"x": "*", "\u00d7": "*"}.get(op, op)
         if op == "/" and b == 0: continue
         val = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else 0}[op]
-        if abs(val - c) > 1e-6 * max(1, abs(val)) + 1e-9: return f"{a:g} {op} {b:g} = {c:g} (it is {val:g})"
+        if abs(val - c) > 1e-6 * max(1, abs(val)) + 1e-9:
+            return f"{a:g} {op} {b:g} = {c:g} (it is {val:g})"
     return None
 
 def review(question: str, turns: list[Turn]) -> tuple[str, float, str]:
-    "The teacher's reading of the last turn: (error label, confidence, detail); never uses the gold answer."
+    ("The teacher's reading of the last turn: (error label, confidence, detail); "
+     "never uses the gold answer.")
     last = turns[-1]
     if last.extracted is None: return "no_answer", 0.9, ""
     slip = _false_equation(last.response or "")
     if slip: return "arithmetic_slip", 0.8, slip
     if isinstance(last.extracted, (int, float)):
         q_nums = {float(x.replace(",", "")) for x in re.findall(r"\d[\d,]*(?:\.\d+)?", question)}
-        if float(last.extracted) in q_nums: return "anchoring", 0.6, f"repeats the number {last.extracted:g} from the question"
+        if float(last.extracted) in q_nums:
+            return "anchoring", 0.6, f"repeats the number {last.extracted:g} from the question"
     if len(turns) > 1 and turns[-2].extracted == last.extracted and (last.confidence or 0) < 0.7:
         return "sticking", 0.5, ""
     return "none", 0.2, ""
@@ -106,18 +116,21 @@ def review(question: str, turns: list[Turn]) -> tuple[str, float, str]:
 class Teacher(Policy):
     name, used_gold, version = "teacher", False, "teacher-v1"
     signals = ["parsed final answer present", "arithmetic of equations in the response",
-               "final number copied from the question", "repeat of previous answer with stated confidence"]
+               "final number copied from the question",
+               "repeat of previous answer with stated confidence"]
 
     def feedback(self, dataset, item, turns):
         label, conf, detail = review(item.get("question") or item.get("prompt") or "", turns)
-        template = {"no_answer": "concise_retry", "arithmetic_slip": "rederive", "anchoring": "devils_advocate",
-                    "sticking": "fresh_approach"}.get(label, "verify" if len(turns) < 2 else "concise_retry")
+        template = {"no_answer": "concise_retry", "arithmetic_slip": "rederive",
+                    "anchoring": "devils_advocate", "sticking": "fresh_approach"}.get(
+                        label, "verify" if len(turns) < 2 else "concise_retry")
         info = {"teacher_label": label, "teacher_confidence": conf, "template": template}
         return TEMPLATES[template].format(detail=detail), info
 
 # %% ../nbs/05_loop.ipynb #4cc3e2c4
 class Execution(Policy):
-    "HumanEval only: run the examples shown in the prompt (never the hidden tests); all pass -> stop."
+    ("HumanEval only: run the examples shown in the prompt (never the hidden tests); "
+     "all pass -> stop.")
     name, used_gold, version = "execution", False, "execution-v1"
     def feedback(self, dataset, item, turns):
         from scaling_study.sandbox import run_public_examples
@@ -125,13 +138,15 @@ class Execution(Policy):
         info = {"examples_passed": passed, "examples_total": total}
         if total == 0: return None, {**info, "stop": "no_public_examples"}
         if passed == total: return None, {**info, "stop": "examples_pass"}
-        return f"{text}\nFix the function and give the complete corrected code in a ```python block.", info
+        return (f"{text}\nFix the function and give the complete corrected code "
+                "in a ```python block."), info
 
 POLICIES = {p.name: p for p in (Intrinsic(), Oracle(), Teacher(), Execution())}
 
 # %% ../nbs/05_loop.ipynb #f0a58eb7
 def _request(entry: ModelEntry, cfg: PhaseConfig, messages, template) -> Request:
-    return Request(provider=entry.provider, model=entry.model, messages=messages, endpoint=entry.base_url,
+    return Request(provider=entry.provider, model=entry.model, messages=messages,
+                   endpoint=entry.base_url,
                    temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed, sample=0,
                    prompt_format="chat" if entry.chat else TRANSCRIPT_FORMAT, template=template)
 
@@ -160,7 +175,8 @@ async def _ask(client, name, entry, cfg, spec, item, messages, template):
     except _CallFailed: return None, calls, None, {}
     return ep["text"], calls, ep["messages"], {"tool_steps": ep["steps"]}
 
-async def run_item(client: Client, name: str, item: dict, cfg: PhaseConfig, policy: Policy|None = None) -> list[dict]:
+async def run_item(client: Client, name: str, item: dict, cfg: PhaseConfig,
+                   policy: Policy|None = None) -> list[dict]:
     "All turns of learner `name` on `item` under the phase `cfg`, one record per turn."
     entry, ds = client.registry[name], item["dataset"]
     spec, policy = DATASETS[ds], policy or POLICIES[cfg.feedback]
@@ -170,22 +186,28 @@ async def run_item(client: Client, name: str, item: dict, cfg: PhaseConfig, poli
     turns, records = [], []
     for t in range(cfg.max_turns + 1):
         # ask (a tool episode makes several calls; the record sums them)
-        text, calls, after, extra = await _ask(client, name, entry, cfg, spec, item, messages, template)
+        text, calls, after, extra = await _ask(client, name, entry, cfg, spec, item,
+                                               messages, template)
         failed = text is None or any(c.failed for c in calls)
         rec = dict(model=name, dataset=ds, item_id=item["id"], turn=t, feedback=policy.name,
                    used_gold=policy.used_gold, prompt=messages, response=text, calls=len(calls),
                    cached=all(c.cached for c in calls), failed=failed,
-                   error=next((c.error for c in calls if c.failed), None), truncated=any(c.truncated for c in calls),
+                   error=next((c.error for c in calls if c.failed), None),
+                   truncated=any(c.truncated for c in calls),
                    input_tokens=sum(c.usage.total_input for c in calls),
                    cached_input_tokens=sum(c.usage.cached_input_tokens for c in calls),
                    output_tokens=sum(c.usage.output_tokens for c in calls),
                    reasoning_tokens=sum(c.usage.reasoning_tokens for c in calls),
-                   cost_usd=_sum(c.cost_usd for c in calls), would_cost_usd=_sum(c.would_cost_usd for c in calls),
-                   latency_s=sum(c.latency_s for c in calls), request_key=calls[-1].key if calls else None,
-                   request_keys=[c.key for c in calls], template=template, stop_reason=None, **extra)
+                   cost_usd=_sum(c.cost_usd for c in calls),
+                   would_cost_usd=_sum(c.would_cost_usd for c in calls),
+                   latency_s=sum(c.latency_s for c in calls),
+                   request_key=calls[-1].key if calls else None,
+                   request_keys=[c.key for c in calls], template=template, stop_reason=None,
+                   **extra)
         records.append(rec)
         if failed:
-            rec.update(extracted=None, correct=None, reason="failed", confidence=None, stop_reason="failed")
+            rec.update(extracted=None, correct=None, reason="failed", confidence=None,
+                       stop_reason="failed")
             break
 
         # grade
@@ -196,8 +218,10 @@ async def run_item(client: Client, name: str, item: dict, cfg: PhaseConfig, poli
 
         # stop rules, then the policy's feedback
         if t == cfg.max_turns: rec["stop_reason"] = "max_turns"; break
-        if t > 0 and _same(turns[-1].extracted, turns[-2].extracted): rec["stop_reason"] = "repeat"; break
-        if cfg.confidence_threshold is not None and conf is not None and conf >= cfg.confidence_threshold:
+        if t > 0 and _same(turns[-1].extracted, turns[-2].extracted):
+            rec["stop_reason"] = "repeat"; break
+        if (cfg.confidence_threshold is not None and conf is not None
+                and conf >= cfg.confidence_threshold):
             rec["stop_reason"] = "confident"; break
         nxt, info = policy.feedback(ds, item, turns)
         rec.update(info)

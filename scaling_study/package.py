@@ -22,7 +22,8 @@ _TOP_FILES = ("pyproject.toml", "Makefile", "README.md", "RELIABILITY.md", ".git
 # %% ../nbs/12_package.ipynb #8933f8bb
 def _git(*args, cwd=None) -> str:
     try:
-        r = subprocess.run(["git", *args], cwd=cwd or project_root(), capture_output=True, text=True, timeout=20)
+        r = subprocess.run(["git", *args], cwd=cwd or project_root(), capture_output=True,
+                           text=True, timeout=20)
         return r.stdout if r.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError): return ""
 
@@ -33,26 +34,31 @@ def identifying_values(root: Path|None = None) -> dict[str, set]:
     root = root or project_root()
     authors = set()
     for line in _git("log", "--format=%an%n%ae%n%cn%n%ce", cwd=root).splitlines() + \
-                [_git("config", "user.name", cwd=root).strip(), _git("config", "user.email", cwd=root).strip()]:
+                [_git("config", "user.name", cwd=root).strip(),
+                 _git("config", "user.email", cwd=root).strip()]:
         if line.strip(): authors.add(line.strip())
     remotes = {u for l in _git("remote", "-v", cwd=root).splitlines() for u in l.split()[1:2]}
     commits = {c for c in _git("log", "--format=%H", cwd=root).split() if c}
-    users = {u for u in {getpass.getuser(), os.environ.get("USER", ""), os.environ.get("LOGNAME", "")}
+    users = {u for u in {getpass.getuser(), os.environ.get("USER", ""),
+                         os.environ.get("LOGNAME", "")}
              if len(u) > 2 and u not in _GENERIC_USERS}
     homes = {str(Path.home()), str(root.resolve())} | {f"/home/{u}" for u in users}
-    keys = {v for k, v in os.environ.items() if re.search(r"(API_KEY|_TOKEN|SECRET)$", k) and len(v) >= 8}
-    return dict(author=authors, remote=remotes, commit=commits, home_path=homes, user=users, key=keys)
+    keys = {v for k, v in os.environ.items()
+            if re.search(r"(API_KEY|_TOKEN|SECRET)$", k) and len(v) >= 8}
+    return dict(author=authors, remote=remotes, commit=commits, home_path=homes, user=users,
+                key=keys)
 
 # %% ../nbs/12_package.ipynb #d3378dc2
 def _needle(kind: str, v: str) -> str:
     return rf"(?<![A-Za-z0-9_]){re.escape(v)}(?![A-Za-z0-9_])" if kind == "user" else re.escape(v)
 
-_PLACEHOLDER = {"author": "[author]", "remote": "[remote]", "commit": "[commit]", "home_path": "[path]",
-                "user": "[user]", "key": "[key]"}
+_PLACEHOLDER = {"author": "[author]", "remote": "[remote]", "commit": "[commit]",
+                "home_path": "[path]", "user": "[user]", "key": "[key]"}
 _ORDER = ("key", "commit", "remote", "home_path", "author", "user")
 
 def scrub_text(text: str, values: dict[str, set]) -> tuple[str, dict]:
-    "`text` with every identifying value replaced by a placeholder, and the count replaced per kind."
+    ("`text` with every identifying value replaced by a placeholder, "
+     "and the count replaced per kind.")
     counts = {}
     for kind in _ORDER:
         for v in sorted(values.get(kind, ()), key=len, reverse=True):
@@ -65,14 +71,16 @@ def scrub_text(text: str, values: dict[str, set]) -> tuple[str, dict]:
     return text, counts
 
 # %% ../nbs/12_package.ipynb #2667a427
-_TEXT_SUFFIXES = {".py", ".ipynb", ".md", ".yaml", ".yml", ".toml", ".json", ".jsonl", ".csv", ".tex", ".txt",
-                  ".svg", ".cfg", ".ini", ""}
+_TEXT_SUFFIXES = {".py", ".ipynb", ".md", ".yaml", ".yml", ".toml", ".json", ".jsonl", ".csv",
+                  ".tex", ".txt", ".svg", ".cfg", ".ini", ""}
 
 def _collect(root: Path, phases, with_cache: bool) -> list[Path]:
     files = [p for d in _TRACKED_DIRS if (root/d).exists() for p in (root/d).rglob("*")
-             if p.is_file() and "__pycache__" not in p.parts and ".ipynb_checkpoints" not in p.parts]
+             if p.is_file() and "__pycache__" not in p.parts
+             and ".ipynb_checkpoints" not in p.parts]
     files += [root/f for f in _TOP_FILES if (root/f).exists()]
-    files += [p for p in (root/"figures").rglob("*") if p.is_file()] if (root/"figures").exists() else []
+    files += ([p for p in (root/"figures").rglob("*") if p.is_file()]
+              if (root/"figures").exists() else [])
     runs = root/"runs"
     for ph in phases or [p.name for p in runs.iterdir() if p.is_dir()] if runs.exists() else []:
         files += [p for p in (runs/ph).rglob("*") if p.is_file() and p.name != ".lock"]
@@ -85,7 +93,8 @@ def _arcname(p: Path, root: Path) -> str:
     except ValueError: return str(Path("cache")/p.resolve().relative_to(cache_dir().resolve()))
 
 # %% ../nbs/12_package.ipynb #46268b09
-def package(out: str|Path|None = None, phases=None, with_cache: bool = False, root: Path|None = None) -> tuple[Path, pd.DataFrame]:
+def package(out: str|Path|None = None, phases=None, with_cache: bool = False,
+            root: Path|None = None) -> tuple[Path, pd.DataFrame]:
     "Write the anonymised archive; return its path and a table of what was removed from which file."
     root = (root or project_root()).resolve()
     values = identifying_values(root)
@@ -109,19 +118,25 @@ def package(out: str|Path|None = None, phases=None, with_cache: bool = False, ro
             dest.write_bytes(data)
 
         # search again, in every byte of every staged file
-        needles = [(k, re.compile(_needle(k, v).encode())) for k, vs in values.items() for v in vs if v]
+        needles = [(k, re.compile(_needle(k, v).encode()))
+                   for k, vs in values.items() for v in vs if v]
         for f in stage.rglob("*"):
             if not f.is_file(): continue
             b = f.read_bytes()
-            leaks += [dict(file=str(f.relative_to(stage)), kind=k) for k, rx in needles if rx.search(b)]
+            leaks += [dict(file=str(f.relative_to(stage)), kind=k)
+                      for k, rx in needles if rx.search(b)]
             leaks += [dict(file=str(f.relative_to(stage)), kind="key") for pat in KEY_PATTERNS
                       if re.search(pat.encode(), b)]
         if leaks:
-            raise RuntimeError(f"Not writing {out}: identifying values remain in {pd.DataFrame(leaks).drop_duplicates().to_dict('records')}. "
-                               "Remove or regenerate those files (figures: rerun the analysis) and package again.")
+            raise RuntimeError(f"Not writing {out}: identifying values remain in "
+                               f"{pd.DataFrame(leaks).drop_duplicates().to_dict('records')}. "
+                               "Remove or regenerate those files (figures: rerun the analysis) "
+                               "and package again.")
         report = pd.DataFrame(removed, columns=["file", "kind", "count"])
-        (stage/"SCRUBBED.md").write_text("# What was removed\n\nPlaceholders: " + ", ".join(_PLACEHOLDER.values())
-                                        + ".\n\n" + (report.groupby("kind")["count"].sum().to_string() if len(report) else "nothing") + "\n")
+        (stage/"SCRUBBED.md").write_text("# What was removed\n\nPlaceholders: "
+                                        + ", ".join(_PLACEHOLDER.values()) + ".\n\n"
+                                        + (report.groupby("kind")["count"].sum().to_string()
+                                           if len(report) else "nothing") + "\n")
         out.parent.mkdir(parents=True, exist_ok=True)
         with tarfile.open(out, "w:gz") as tar: tar.add(stage, arcname="artifact")
     logger.info("wrote %s (%d replacements)", out, int(report["count"].sum()) if len(report) else 0)
@@ -132,25 +147,29 @@ def _safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
     for m in tar.getmembers():
         target = (dest/m.name).resolve()
         if not str(target).startswith(str(dest.resolve())) or m.issym() or m.islnk():
-            raise ValueError(f"The archive entry {m.name!r} points outside the folder; refusing to unpack it.")
+            raise ValueError(f"The archive entry {m.name!r} points outside the folder; "
+                             "refusing to unpack it.")
     tar.extractall(dest)
 
-def compare_tables(a: pd.DataFrame, b: pd.DataFrame, keys=("model", "dataset", "feedback"), rtol=1e-9) -> pd.DataFrame:
+def compare_tables(a: pd.DataFrame, b: pd.DataFrame, keys=("model", "dataset", "feedback"),
+                   rtol=1e-9) -> pd.DataFrame:
     "Cells whose numbers differ between two results tables, matched on `keys`."
     keys = [k for k in keys if k in a and k in b]
     m = a.merge(b, on=keys, how="outer", suffixes=("_archive", "_rebuilt"), indicator=True)
-    rows = [dict(**{k: r[k] for k in keys}, column="(row)", archive=r["_merge"], rebuilt="") for _, r in m.iterrows()
-            if r["_merge"] != "both"]
+    rows = [dict(**{k: r[k] for k in keys}, column="(row)", archive=r["_merge"], rebuilt="")
+            for _, r in m.iterrows() if r["_merge"] != "both"]
     for c in a.columns:
         if c in keys or c not in b or not pd.api.types.is_numeric_dtype(a[c]): continue
         x, y = m[f"{c}_archive"].astype(float), m[f"{c}_rebuilt"].astype(float)
         bad = ~(((x - y).abs() <= rtol * y.abs().clip(lower=1)) | (x.isna() & y.isna()))
-        rows += [dict(**{k: m.loc[i, k] for k in keys}, column=c, archive=x[i], rebuilt=y[i]) for i in m.index[bad]]
+        rows += [dict(**{k: m.loc[i, k] for k in keys}, column=c, archive=x[i], rebuilt=y[i])
+                 for i in m.index[bad]]
     return pd.DataFrame(rows)
 
 # %% ../nbs/12_package.ipynb #0350b6df
 def reproduce(archive: str|Path, dest: str|Path|None = None) -> tuple[Path, pd.DataFrame]:
-    "Unpack `archive` into a new folder, rebuild its tables and figures offline; return the folder and differences."
+    ("Unpack `archive` into a new folder, rebuild its tables and figures offline; "
+     "return the folder and differences.")
     import sys
     dest = Path(dest or tempfile.mkdtemp(prefix="reproduce-")).resolve()
     dest.mkdir(parents=True, exist_ok=True)
@@ -161,11 +180,14 @@ def reproduce(archive: str|Path, dest: str|Path|None = None) -> tuple[Path, pd.D
     env = dict(os.environ, SCALING_STUDY_ROOT=str(root), SCALING_STUDY_RUNS=str(root/"runs"),
                SCALING_STUDY_CACHE=str(root/"cache"), PYTHONPATH=str(root))
     out_nb = root/"runs"/"analysis"/"reproduce.ipynb"
-    cmd = [sys.executable, "-m", "papermill", str(root/"nbs"/"analysis"/"analyze.ipynb"), str(out_nb),
+    cmd = [sys.executable, "-m", "papermill", str(root/"nbs"/"analysis"/"analyze.ipynb"),
+           str(out_nb),
            "-y", json.dumps({"phases": phases, "figures_dir": str(root/"figures"),
                              "tables_dir": str(root/"runs"/"reproduced")})]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-    if r.returncode: raise RuntimeError(f"The analysis notebook failed in {root}; see {out_nb}.\n{r.stderr[-2000:]}")
+    if r.returncode:
+        raise RuntimeError(f"The analysis notebook failed in {root}; see {out_nb}.\n"
+                           f"{r.stderr[-2000:]}")
     new = root/"runs"/"reproduced"/"results.csv"
     diff = compare_tables(pd.read_csv(old), pd.read_csv(new)) if old.exists() else pd.DataFrame(
         [dict(column="results.csv", archive="missing", rebuilt="present")])

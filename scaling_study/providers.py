@@ -46,11 +46,15 @@ class Usage:
     known: bool = True
 
     @property
-    def total_input(self) -> int: return self.input_tokens + self.cached_input_tokens + self.cache_write_tokens
+    def total_input(self) -> int:
+        return self.input_tokens + self.cached_input_tokens + self.cache_write_tokens
     def __add__(self, o: Usage) -> Usage:
-        secs = None if self.seconds is None and o.seconds is None else (self.seconds or 0) + (o.seconds or 0)
-        return Usage(self.input_tokens + o.input_tokens, self.cached_input_tokens + o.cached_input_tokens,
-                     self.cache_write_tokens + o.cache_write_tokens, self.output_tokens + o.output_tokens,
+        secs = (None if self.seconds is None and o.seconds is None
+                else (self.seconds or 0) + (o.seconds or 0))
+        return Usage(self.input_tokens + o.input_tokens,
+                     self.cached_input_tokens + o.cached_input_tokens,
+                     self.cache_write_tokens + o.cache_write_tokens,
+                     self.output_tokens + o.output_tokens,
                      self.reasoning_tokens + o.reasoning_tokens, secs, self.known and o.known)
 
 # %% ../nbs/02_providers.ipynb #3aec5d39
@@ -58,7 +62,8 @@ _TOKEN_KINDS = (("input_tokens", "input"), ("cached_input_tokens", "cached_input
                 ("cache_write_tokens", "cache_write"), ("output_tokens", "output"))
 
 def cost_usd(usage: Usage, price: dict, billing: str = "tokens") -> float|None:
-    "Dollar cost of `usage` under the price row `price`; None when a used quantity has no known price."
+    ("Dollar cost of `usage` under the price row `price`; "
+     "None when a used quantity has no known price.")
     if not usage.known: return None
     if billing == "time":
         if usage.seconds is None or price.get("per_second") is None: return None
@@ -85,8 +90,9 @@ class Completion:
 
     @property
     def truncated(self) -> bool: return self.finish_reason in TRUNCATED_REASONS
-    def to_dict(self) -> dict: return dict(text=self.text, usage=asdict(self.usage),
-                                           finish_reason=self.finish_reason, model_version=self.model_version)
+    def to_dict(self) -> dict:
+        return dict(text=self.text, usage=asdict(self.usage),
+                    finish_reason=self.finish_reason, model_version=self.model_version)
     @classmethod
     def from_dict(cls, d) -> Completion:
         return cls(d["text"], Usage(**d["usage"]), d.get("finish_reason"), d.get("model_version"))
@@ -102,22 +108,28 @@ class BudgetExceeded(Exception):
 
 # %% ../nbs/02_providers.ipynb #ebb9f0d2
 def gguf_path(entry: ModelEntry) -> Path:
-    "The local GGUF file of `entry`, assembling it into the cache folder first if its package says so."
+    ("The local GGUF file of `entry`, assembling it into the cache folder first "
+     "if its package says so.")
     g = entry.gguf or {}
     if "package" in g:
         spec = importlib.util.find_spec(g["package"])
         if spec is None or not spec.submodule_search_locations:
-            raise ProviderError(f"{entry.name}: the package {g['package']!r} is not installed; run `make install` "
+            raise ProviderError(f"{entry.name}: the package {g['package']!r} is not installed; "
+                                "run `make install` "
                                 f"(it carries the weights in {g.get('file')!r}).")
         p = Path(list(spec.submodule_search_locations)[0])/g["file"]
     elif "assemble" in g:
         try: mod = importlib.import_module(g["assemble"])
         except ImportError:
-            raise ProviderError(f"{entry.name}: the package {g['assemble']!r} is not installed; run `make install`.") from None
+            raise ProviderError(f"{entry.name}: the package {g['assemble']!r} is not installed; "
+                                "run `make install`.") from None
         out = cache_dir()/"models"/mod.MODEL_NAME
         p = mod.assemble(out) if not out.exists() else out
-    else: raise ProviderError(f"{entry.name}: a local model needs `gguf: {{package, file}}` or `gguf: {{assemble}}`.")
-    if not Path(p).exists(): raise ProviderError(f"{entry.name}: GGUF file {str(p)!r} is missing; reinstall its package.")
+    else: raise ProviderError(f"{entry.name}: a local model needs `gguf: {{package, file}}` "
+                              f"or `gguf: {{assemble}}`.")
+    if not Path(p).exists():
+        raise ProviderError(f"{entry.name}: GGUF file {str(p)!r} is missing; "
+                            "reinstall its package.")
     return Path(p)
 
 # %% ../nbs/02_providers.ipynb #e2968e9b
@@ -170,7 +182,8 @@ class LocalProvider:
                           output_tokens=u.get("completion_tokens", 0)),
                           out["choices"][0].get("finish_reason"), self.entry.model)
 
-    async def complete(self, req: Request) -> Completion: return await asyncio.to_thread(self._generate, req)
+    async def complete(self, req: Request) -> Completion:
+        return await asyncio.to_thread(self._generate, req)
 
 # %% ../nbs/02_providers.ipynb #f5d9c128
 PROVIDER_CLASSES: dict = {"local": LocalProvider}
@@ -193,7 +206,8 @@ class Budget:
     def reserve(self, usd: float) -> None:
         if self.limit is not None and self.spent + self.reserved + usd > self.limit + 1e-12:
             raise BudgetExceeded(f"a call of up to ${usd:.4f} would take spend past the budget of "
-                                 f"${self.limit:.2f} (spent ${self.spent:.4f}, in flight ${self.reserved:.4f})")
+                                 f"${self.limit:.2f} (spent ${self.spent:.4f}, "
+                                 f"in flight ${self.reserved:.4f})")
         self.reserved += usd
 
     def settle(self, reserved: float, actual: float) -> None:
@@ -203,7 +217,8 @@ class Budget:
         for frac in (0.5, 0.8):
             if self.spent >= frac * self.limit and frac not in self._warned:
                 self._warned.add(frac)
-                logger.warning("spend $%.4f has passed %d%% of the budget $%.2f", self.spent, frac*100, self.limit)
+                logger.warning("spend $%.4f has passed %d%% of the budget $%.2f",
+                               self.spent, frac*100, self.limit)
 
 # %% ../nbs/02_providers.ipynb #2c57211f
 class RateLimiter:
@@ -227,7 +242,8 @@ class RateLimiter:
 # %% ../nbs/02_providers.ipynb #522e35ed
 @dataclass
 class Call:
-    "The outcome of one request through the client, with its spend and what it would have cost uncached."
+    ("The outcome of one request through the client, with its spend "
+     "and what it would have cost uncached.")
     key: str
     text: str|None = None
     usage: Usage = field(default_factory=Usage)
@@ -249,7 +265,8 @@ def estimate_tokens(text: str) -> int:
 
 # %% ../nbs/02_providers.ipynb #a42a18cf
 class Client:
-    "Cache, budget, limits, retries and cost around the provider adapters of the models in `registry`."
+    ("Cache, budget, limits, retries and cost around the provider adapters "
+     "of the models in `registry`.")
     def __init__(self, registry: dict, cache: ResponseCache|None = None, budget: Budget|None = None,
                  max_retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0, ledger=None,
                  providers: dict|None = None, tag: str|None = None):
@@ -275,7 +292,8 @@ class Client:
         return c or 0.0
 
     async def complete(self, name: str, req: Request) -> Call:
-        "Answer `req` with model `name`: from the cache if possible, else live within budget and limits."
+        ("Answer `req` with model `name`: from the cache if possible, "
+         "else live within budget and limits.")
         e, key = self.registry[name], req.key
 
         # cache
@@ -292,7 +310,8 @@ class Client:
         self.budget.reserve(reserve)
         try:
             async with self._sems[name]:
-                await self._limiters[name].acquire(estimate_tokens(str(req.messages)) + req.max_tokens)
+                await self._limiters[name].acquire(
+                    estimate_tokens(str(req.messages)) + req.max_tokens)
                 call = await self._send(provider, key, req)
         finally:
             # a call whose cost is unknown (no usage, or no price) is charged its reservation, so
@@ -321,14 +340,16 @@ class Client:
             try:
                 comp = await provider.complete(req)
                 cost = cost_usd(comp.usage, e.price, e.billing)
-                return Call(key, comp.text, comp.usage, comp.finish_reason, cost_usd=cost, would_cost_usd=cost,
+                return Call(key, comp.text, comp.usage, comp.finish_reason,
+                            cost_usd=cost, would_cost_usd=cost,
                             latency_s=time.monotonic() - t0, attempts=attempt)
             except ProviderError as err:
                 if not err.retryable or attempt > self.max_retries:
                     logger.warning("%s: call failed after %d attempt(s): %s", e.name, attempt, err)
                     return Call(key, failed=True, error=str(err), cost_usd=0.0, would_cost_usd=0.0,
                                 latency_s=time.monotonic() - t0, attempts=attempt)
-                wait = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random())
+                wait = (min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+                        * (0.5 + random.random()))
                 if err.retry_after is not None: wait = max(wait, float(err.retry_after))
                 logger.info("%s: retrying in %.1fs after: %s", e.name, wait, err)
                 await asyncio.sleep(wait)

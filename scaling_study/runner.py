@@ -14,7 +14,8 @@ from .core import (ConfigError, PhaseConfig, load_phase, project_root, cache_dir
 from .cache import ResponseCache
 from .datasets import DATASETS, load, data_hashes
 from .loop import POLICIES, SYSTEM, CONFIDENCE_ASK, run_item
-from .providers import Budget, BudgetExceeded, Client, cost_usd, estimate_tokens, Usage, run_sync
+from .providers import (Budget, BudgetExceeded, Client, cost_usd, estimate_tokens,
+                                     Usage, run_sync)
 
 # %% auto #0
 __all__ = ['logger', 'STATUSES', 'plan', 'estimate', 'latest_records', 'environment', 'runs_dir', 'prepare_run',
@@ -28,7 +29,8 @@ def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds
 
 # %% ../nbs/06_runner.ipynb #7053e55d
 def plan(cfg: PhaseConfig, limit: int|None = None) -> dict:
-    "Dataset -> {'requested', 'used', 'capped', 'items'} for the phase `cfg`, with at most `limit` items each."
+    ("Dataset -> {'requested', 'used', 'capped', 'items'} for the phase `cfg`, "
+     "with at most `limit` items each.")
     out = {}
     for ds, n in cfg.datasets.items():
         want = min(n, limit) if limit else n
@@ -40,7 +42,8 @@ def plan(cfg: PhaseConfig, limit: int|None = None) -> dict:
     return out
 
 # %% ../nbs/06_runner.ipynb #e8252cfa
-def estimate(cfg: PhaseConfig, registry: dict, limit: int|None = None, cache: ResponseCache|None = None) -> pd.DataFrame:
+def estimate(cfg: PhaseConfig, registry: dict, limit: int|None = None,
+             cache: ResponseCache|None = None) -> pd.DataFrame:
     "Upper-bound tokens and dollars per learner and dataset for the phase `cfg`, before any call."
     from scaling_study.loop import _request, PROMPT_VERSION
     rows, pl = [], plan(cfg, limit)
@@ -60,33 +63,40 @@ def estimate(cfg: PhaseConfig, registry: dict, limit: int|None = None, cache: Re
                 if cache is not None and _request(e, cfg, msgs, template).key in cache: cached0 += 1
             usd = cost_usd(Usage(input_tokens=inp, output_tokens=out), e.price, e.billing)
             frac = 1 - cached0 / max(1, info["used"]) / (cfg.max_turns + 1)
-            rows.append(dict(model=name, dataset=ds, items=info["used"], max_calls=info["used"] * (cfg.max_turns + 1),
+            rows.append(dict(model=name, dataset=ds, items=info["used"],
+                             max_calls=info["used"] * (cfg.max_turns + 1),
                              input_tokens=inp, output_tokens=out, usd=usd,
-                             usd_uncached=None if usd is None else usd * frac, cached_turn0=cached0))
+                             usd_uncached=None if usd is None else usd * frac,
+                             cached_turn0=cached0))
     return pd.DataFrame(rows)
 
 # %% ../nbs/06_runner.ipynb #7cb20067
 def _read_jsonl_tolerant(path: Path) -> list[dict]:
-    "Lines of `path`; a trailing partial line (a crash mid-write) is cut off the file, with a warning."
+    ("Lines of `path`; a trailing partial line (a crash mid-write) is cut off the file, "
+     "with a warning.")
     if not path.exists(): return []
     raw = path.read_bytes()
     good_end = raw.rfind(b"\n") + 1
     if good_end < len(raw):
-        logger.warning("%s: dropping a partial last line (%d bytes) left by an interrupted write", path, len(raw) - good_end)
+        logger.warning("%s: dropping a partial last line (%d bytes) left by an interrupted write",
+                       path, len(raw) - good_end)
         with open(path, "r+b") as f: f.truncate(good_end)
     out = []
     for i, line in enumerate(raw[:good_end].splitlines(), 1):
         if not line.strip(): continue
         try: out.append(json.loads(line))
         except json.JSONDecodeError:
-            raise ValueError(f"{path}, line {i}: not valid JSON. Move the file aside to start the run afresh.") from None
+            raise ValueError(f"{path}, line {i}: not valid JSON. "
+                             "Move the file aside to start the run afresh.") from None
     return out
 
 _LAST_SYNC: dict = {}
 
 def _append(path: Path, rows: list[dict], sync_every: float = 1.0) -> None:
-    "Append `rows` as JSON lines in one `write`; fsync when the last fsync of `path` is `sync_every` s old."
-    data = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows).encode("utf-8")
+    ("Append `rows` as JSON lines in one `write`; "
+     "fsync when the last fsync of `path` is `sync_every` s old.")
+    data = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
+                   for r in rows).encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, data)
@@ -117,29 +127,34 @@ def _done(recs) -> bool: return bool(recs) and not any(r.get("failed") for r in 
 # %% ../nbs/06_runner.ipynb #6baea517
 def _git(*args) -> str|None:
     try:
-        r = subprocess.run(["git", *args], cwd=project_root(), capture_output=True, text=True, timeout=10)
+        r = subprocess.run(["git", *args], cwd=project_root(), capture_output=True, text=True,
+                           timeout=10)
         return r.stdout.strip() if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError): return None
 
-_PACKAGES = ("scaling-study", "llama_cpp_python", "openai", "anthropic", "replicate", "diskcache", "pandas",
-             "scipy", "numpy", "altair", "vl-convert-python", "papermill", "nbdev")
+_PACKAGES = ("scaling-study", "llama_cpp_python", "openai", "anthropic", "replicate", "diskcache",
+             "pandas", "scipy", "numpy", "altair", "vl-convert-python", "papermill", "nbdev")
 
 def environment() -> dict:
-    "Code commit, whether the tree was dirty, Python, platform and the versions of the packages that matter."
+    ("Code commit, whether the tree was dirty, Python, platform "
+     "and the versions of the packages that matter.")
     vers = {}
     for p in _PACKAGES:
         try: vers[p] = metadata.version(p)
         except metadata.PackageNotFoundError: vers[p] = None
     status = _git("status", "--porcelain", "--untracked-files=no")
-    return dict(git_commit=_git("rev-parse", "HEAD"), git_dirty=None if status is None else bool(status),
+    return dict(git_commit=_git("rev-parse", "HEAD"),
+                git_dirty=None if status is None else bool(status),
                 python=platform.python_version(), platform=platform.platform(), packages=vers)
 
 # %% ../nbs/06_runner.ipynb #27eb7202
-def _run_hash(cfg: PhaseConfig, limit) -> str: return sha256_text(canonical_json([cfg.to_dict(), limit]))[:16]
+def _run_hash(cfg: PhaseConfig, limit) -> str:
+    return sha256_text(canonical_json([cfg.to_dict(), limit]))[:16]
 
 def runs_dir() -> Path: return Path(os.environ.get("SCALING_STUDY_RUNS", project_root()/"runs"))
 
-def prepare_run(cfg: PhaseConfig, limit: int|None = None, run_id: str|None = None) -> tuple[Path, bool]:
+def prepare_run(cfg: PhaseConfig, limit: int|None = None,
+                run_id: str|None = None) -> tuple[Path, bool]:
     "The run folder to use for `cfg` and whether it resumes an earlier, unfinished run."
     base = runs_dir()/cfg.name
     if run_id:
@@ -149,7 +164,8 @@ def prepare_run(cfg: PhaseConfig, limit: int|None = None, run_id: str|None = Non
     for m in sorted(base.glob("*/manifest.json"), reverse=True):
         try: man = json.loads(m.read_text())
         except (OSError, ValueError): continue
-        if man.get("run_hash") == h and (man.get("status") != "complete" or man.get("items_failed")):
+        if man.get("run_hash") == h and (man.get("status") != "complete"
+                                         or man.get("items_failed")):
             return m.parent, True
     stem = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{h[:6]}"
     d, i = base/stem, 1
@@ -163,14 +179,15 @@ class _Lock:
         self.fh = open(self.path, "w")
         try: fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"The run {self.path.parent} is being written by another process; wait for it "
-                               "or stop it first.") from None
+            raise RuntimeError(f"The run {self.path.parent} is being written by another process; "
+                               "wait for it or stop it first.") from None
         return self
     def __exit__(self, *a): fcntl.flock(self.fh, fcntl.LOCK_UN); self.fh.close()
 
 # %% ../nbs/06_runner.ipynb #11f37be3
 def check_providers(cfg: PhaseConfig, registry: dict) -> None:
-    "Build each learner's adapter now, so a missing key or package fails before any call, naming the fix."
+    ("Build each learner's adapter now, so a missing key or package fails before any call, "
+     "naming the fix.")
     from scaling_study.providers import make_provider, ProviderError
     for m in cfg.models:
         try: make_provider(registry[m])
@@ -178,22 +195,25 @@ def check_providers(cfg: PhaseConfig, registry: dict) -> None:
     if "humaneval" in cfg.datasets:
         from scaling_study.sandbox import exposed_secrets
         if exposed_secrets():
-            raise ConfigError(f"HumanEval programs would run in the weak fallback sandbox, where they could read "
-                              f"{exposed_secrets()} from this process. Install bubblewrap (apt-get install "
-                              "bubblewrap) or unset those variables.")
+            raise ConfigError("HumanEval programs would run in the weak fallback sandbox, "
+                              f"where they could read {exposed_secrets()} from this process. "
+                              "Install bubblewrap (apt-get install bubblewrap) "
+                              "or unset those variables.")
 
 # %% ../nbs/06_runner.ipynb #3b7f7e31
 def check_budget(est: pd.DataFrame, budget: float, yes: bool) -> None:
     "Refuse, before any call, an estimate that exceeds `budget` or cannot be priced, unless `yes`."
     unknown = est[est.usd_uncached.isna()]
     if len(unknown) and not yes:
-        raise ConfigError(f"No price is known for {sorted(set(unknown.model))}, so spend cannot be estimated or "
-                          "capped. Add their prices to configs/models.yaml, or pass --yes to run anyway.")
+        raise ConfigError(f"No price is known for {sorted(set(unknown.model))}, "
+                          "so spend cannot be estimated or capped. "
+                          "Add their prices to configs/models.yaml, or pass --yes to run anyway.")
     total = float(est.usd_uncached.fillna(0).sum())
     if total > budget + 1e-12 and not yes:
-        raise ConfigError(f"The estimate (up to ${total:.2f}) exceeds the budget of ${budget:.2f}. Raise "
-                          "budget_usd in the phase file or pass --budget, run fewer items with --limit, or pass "
-                          "--yes to start anyway (the run then stops cleanly when spend reaches the budget).")
+        raise ConfigError(f"The estimate (up to ${total:.2f}) exceeds the budget of ${budget:.2f}. "
+                          "Raise budget_usd in the phase file or pass --budget, "
+                          "run fewer items with --limit, or pass --yes to start anyway "
+                          "(the run then stops cleanly when spend reaches the budget).")
 
 # %% ../nbs/06_runner.ipynb #878fba36
 async def _run_cells(client, cfg, todo, write, bar, state):
@@ -223,7 +243,8 @@ async def _run_cells(client, cfg, todo, write, bar, state):
 # %% ../nbs/06_runner.ipynb #aa8cbb5d
 def run_phase(phase: str|None = None, config=None, models=None, limit: int|None = None,
               budget: float|None = None, yes: bool = False, run_id: str|None = None,
-              progress: bool = True, overrides: dict|None = None, cache: ResponseCache|None = None) -> Path:
+              progress: bool = True, overrides: dict|None = None,
+              cache: ResponseCache|None = None) -> Path:
     "Run (or resume) a phase and return its run folder; see the cells above for what is written."
     from tqdm.auto import tqdm
     cfg, registry = load_phase(phase, config, models, overrides)
@@ -247,7 +268,8 @@ def run_phase(phase: str|None = None, config=None, models=None, limit: int|None 
 
 # %% ../nbs/06_runner.ipynb #20bbdb81
 def _recover_ledger(records, ledger, cache, tag) -> list[dict]:
-    "Ledger lines lost to a kill between caching an answer and logging it, rebuilt from the cache's `paid_by` tags."
+    ("Ledger lines lost to a kill between caching an answer and logging it, "
+     "rebuilt from the cache's `paid_by` tags.")
     seen = {c["key"] for c in ledger if not c.get("failed")}
     out = []
     for r in records:
@@ -257,48 +279,59 @@ def _recover_ledger(records, ledger, cache, tag) -> list[dict]:
             hit = cache.get(k) or {}
             if hit.get("paid_by") == tag:
                 seen.add(k)
-                out.append(dict(ts=None, model=r["model"], key=k, failed=False, cost_usd=hit.get("cost_usd"),
-                                recovered=True))
+                out.append(dict(ts=None, model=r["model"], key=k, failed=False,
+                                cost_usd=hit.get("cost_usd"), recovered=True))
     return out
 
-def _manifest(cfg, registry, pl, est, cap, run_dir, limit, started, status, records, ledger, prev) -> dict:
+def _manifest(cfg, registry, pl, est, cap, run_dir, limit, started, status, records, ledger,
+              prev) -> dict:
     live = [c for c in ledger if not c.get("failed")]
     unknown = [c for c in live if c.get("cost_usd") is None]
     would = [r.get("would_cost_usd") for r in records if not r.get("failed")]
     items_failed = sum(1 for recs in latest_records(records).values() if not _done(recs))
     pol = POLICIES[cfg.feedback]
     return dict(
-        run_id=run_dir.name, phase=cfg.name, status=status, config=cfg.to_dict(), config_hash=cfg.hash,
-        run_hash=_run_hash(cfg, limit), limit=limit, budget_usd=cap, feedback=pol.name, used_gold=pol.used_gold,
+        run_id=run_dir.name, phase=cfg.name, status=status, config=cfg.to_dict(),
+        config_hash=cfg.hash, run_hash=_run_hash(cfg, limit), limit=limit, budget_usd=cap,
+        feedback=pol.name, used_gold=pol.used_gold,
         policy_version=pol.version, **environment(), started_at=prev.get("started_at", started),
-        finished_at=None if status == "interrupted" else _now(), sessions=prev.get("sessions", 0) + 1,
+        finished_at=None if status == "interrupted" else _now(),
+        sessions=prev.get("sessions", 0) + 1,
         seeds={"sample": cfg.seed, "generation": cfg.seed},
-        models={m: dict(provider=registry[m].provider, model=registry[m].model, base_url=registry[m].base_url,
-                        params=registry[m].params, price=registry[m].price, chat=registry[m].chat) for m in cfg.models},
+        models={m: dict(provider=registry[m].provider, model=registry[m].model,
+                        base_url=registry[m].base_url, params=registry[m].params,
+                        price=registry[m].price, chat=registry[m].chat) for m in cfg.models},
         datasets={ds: dict(requested=v["requested"], used=v["used"], capped=v["capped"],
                            template_version=DATASETS[ds].template_version) for ds, v in pl.items()},
-        data_sha256=data_hashes(list(pl)), estimate_usd=None if est.usd.isna().any() else float(est.usd.sum()),
+        data_sha256=data_hashes(list(pl)),
+        estimate_usd=None if est.usd.isna().any() else float(est.usd.sum()),
         calls=dict(live=len(live), cached=sum(1 for r in records if r.get("cached")),
                    failed=sum(1 for c in ledger if c.get("failed"))),
-        cost_usd=dict(spent=sum(c["cost_usd"] or 0 for c in live), uncached=None if None in would else sum(would),
+        cost_usd=dict(spent=sum(c["cost_usd"] or 0 for c in live),
+                      uncached=None if None in would else sum(would),
                       unpriced_calls=len(unknown)),
         records=len(records), items_planned=sum(v["used"] for v in pl.values()) * len(cfg.models),
-        items_done=sum(1 for recs in latest_records(records).values() if _done(recs)), items_failed=items_failed,
+        items_done=sum(1 for recs in latest_records(records).values() if _done(recs)),
+        items_failed=items_failed,
     )
 
 # %% ../nbs/06_runner.ipynb #1ab7e824
 def _execute(cfg, registry, pl, est, cap, run_dir, resumed, limit, progress, cache, tqdm) -> Path:
-    rec_path, ledger_path, man_path = run_dir/"records.jsonl", run_dir/"calls.jsonl", run_dir/"manifest.json"
+    rec_path, ledger_path, man_path = (run_dir/"records.jsonl", run_dir/"calls.jsonl",
+                                       run_dir/"manifest.json")
     started = _now()
     prev = json.loads(man_path.read_text()) if man_path.exists() else {}
     records, ledger = _read_jsonl_tolerant(rec_path), _read_jsonl_tolerant(ledger_path)
     done = {k for k, recs in latest_records(records).items() if _done(recs)}
     todo = [(m, it) for ds, v in pl.items() for m in cfg.models for it in v["items"]
             if (m, ds, it["id"]) not in done]
-    if resumed: logger.warning("resuming %s: %d of %d items already done", run_dir, len(done), len(done) + len(todo))
+    if resumed:
+        logger.warning("resuming %s: %d of %d items already done",
+                       run_dir, len(done), len(done) + len(todo))
 
-    def manifest(status): return _manifest(cfg, registry, pl, est, cap, run_dir, limit, started, status,
-                                           records, ledger, prev)
+    def manifest(status):
+        return _manifest(cfg, registry, pl, est, cap, run_dir, limit, started, status,
+                         records, ledger, prev)
     _write_json_atomic(man_path, manifest("interrupted"))
 
     # the ledger and the record writer
@@ -328,40 +361,52 @@ def _execute(cfg, registry, pl, est, cap, run_dir, resumed, limit, progress, cac
         _compact(rec_path, records)
         lost = _recover_ledger(records, ledger, cache, run_dir.name) if prev else []
         if lost:
-            logger.warning("recovered %d ledger line(s) lost when an earlier session was killed", len(lost))
+            logger.warning("recovered %d ledger line(s) lost when an earlier session was killed",
+                           len(lost))
             ledger.extend(lost); _append(ledger_path, lost)
         man = manifest(status)
         _write_json_atomic(man_path, man)
-        logger.info("run %s: %s, %d records, live %d, cached %d, failed %d, spent $%.4f", run_dir, status,
-                    man["records"], *man["calls"].values(), man["cost_usd"]["spent"])
+        logger.info("run %s: %s, %d records, live %d, cached %d, failed %d, spent $%.4f",
+                    run_dir, status, man["records"], *man["calls"].values(),
+                    man["cost_usd"]["spent"])
         if man["items_failed"]:
-            logger.warning("%d item(s) have a failed call; run the same command again to retry them", man["items_failed"])
+            logger.warning("%d item(s) have a failed call; "
+                           "run the same command again to retry them", man["items_failed"])
     return run_dir
 
 # %% ../nbs/06_runner.ipynb #a1df8a9c
 def _compact(rec_path: Path, records: list[dict]) -> None:
-    "Keep the latest attempt of each item in `records.jsonl`; move earlier attempts to `records.superseded.jsonl`."
+    ("Keep the latest attempt of each item in `records.jsonl`; "
+     "move earlier attempts to `records.superseded.jsonl`.")
     latest = latest_records(records)
     keep = [r for recs in latest.values() for r in recs]
     if len(keep) == len(records): return
     ids = {id(r) for r in keep}
-    _append(rec_path.with_name("records.superseded.jsonl"), [r for r in records if id(r) not in ids])
+    _append(rec_path.with_name("records.superseded.jsonl"),
+            [r for r in records if id(r) not in ids])
     tmp = rec_path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in keep))
     os.replace(tmp, rec_path)
     records[:] = keep
 
 # %% ../nbs/06_runner.ipynb #80cf48cb
-def check_params(phase="", config="", models="", limit=0, budget=-1.0, yes=False, run_id="", overrides=None) -> dict:
-    "`run_phase` keyword arguments from the phase notebook's parameters, or a ConfigError naming the bad one."
-    def bad(name, v, want): return ConfigError(f"papermill parameter {name} is {v!r} ({type(v).__name__}); "
-                                               f"it must be {want}, e.g. -p {name} ...")
+def check_params(phase="", config="", models="", limit=0, budget=-1.0, yes=False, run_id="",
+                 overrides=None) -> dict:
+    ("`run_phase` keyword arguments from the phase notebook's parameters, "
+     "or a ConfigError naming the bad one.")
+    def bad(name, v, want):
+        return ConfigError(f"papermill parameter {name} is {v!r} ({type(v).__name__}); "
+                           f"it must be {want}, e.g. -p {name} ...")
     for name, v in (("phase", phase), ("config", config), ("models", models), ("run_id", run_id)):
         if v is not None and not isinstance(v, str): raise bad(name, v, "a string")
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0: raise bad("limit", limit, "a whole number >= 0")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)): raise bad("budget", budget, "a number")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise bad("limit", limit, "a whole number >= 0")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise bad("budget", budget, "a number")
     if not isinstance(yes, bool): raise bad("yes", yes, "True or False")
-    if overrides is not None and not isinstance(overrides, dict): raise bad("overrides", overrides, "a mapping (-y)")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise bad("overrides", overrides, "a mapping (-y)")
     if not phase and not config: raise ConfigError("Set the papermill parameter phase (or config).")
-    return dict(phase=phase or None, config=config or None, models=models or None, limit=limit or None,
-                budget=None if budget < 0 else float(budget), yes=yes, run_id=run_id or None, overrides=overrides or None)
+    return dict(phase=phase or None, config=config or None, models=models or None,
+                limit=limit or None, budget=None if budget < 0 else float(budget), yes=yes,
+                run_id=run_id or None, overrides=overrides or None)

@@ -582,9 +582,11 @@ def check_humaneval(problem: dict, response: str, timeout: float = 10.0,
     key = verdict_key(program, problem, timeout, backend)
     exposed = exposed_secrets(backend)
     if exposed and not (cache and _cached_verdict(key)):
-        raise RuntimeError(f"HumanEval programs would run in the '{backend}' fallback as this user, where they "
-                           f"could read this process's environment, which holds {exposed}. Install bubblewrap "
-                           "(apt-get install bubblewrap) or unset those variables before scoring HumanEval.")
+        raise RuntimeError(f"HumanEval programs would run in the '{backend}' fallback "
+                           "as this user, where they could read this process's environment, "
+                           f"which holds {exposed}. Install bubblewrap "
+                           "(apt-get install bubblewrap) or unset those variables "
+                           "before scoring HumanEval.")
     store = _verdict_cache() if cache else None
     if store is not None:
         try:

@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Score:
-    "The grade of one response: `correct`, the `extracted` answer (None if unparsed) and a `reason`."
+    ("The grade of one response: `correct`, the `extracted` answer (None if unparsed) "
+     "and a `reason`.")
     correct: bool
     extracted: object = None
     reason: str = "ok"
@@ -28,7 +29,8 @@ class Score:
 _NUM = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
 
 def parse_number(text: str) -> float|None:
-    "The last number in `text` after normalising separators, currency and minus signs; None if there is none."
+    ("The last number in `text` after normalising separators, currency and minus signs; "
+     "None if there is none.")
     if text is None: return None
     t = (text.replace("{,}", ",").replace("\u2212", "-").replace("\u2013", "-")
              .replace("\\!", "").replace("\\,", "").replace("$", " ").replace("\u00a0", " "))
@@ -49,7 +51,8 @@ def _boxed(text):
 
 # %% ../nbs/04_scoring.ipynb #b3a9afe8
 def extract_number(response: str) -> float|None:
-    "The learner's numeric answer: the `Final answer:` line, else the last `\\boxed{}`, else the last number."
+    ("The learner's numeric answer: the `Final answer:` line, else the last `\\boxed{}`, "
+     "else the last number.")
     if not response: return None
     m = list(re.finditer(r"final answer\s*(?:is)?\s*[:=]?\s*(.*)", response, flags=re.I))
     for hit in reversed(m):
@@ -136,7 +139,8 @@ LABELS = {
                         "not_entailment")}),
     "superglue-cb": LabelSet({
         **dict.fromkeys(["entailment", "entailed", "entails"], "entailment"),
-        **dict.fromkeys(["contradiction", "contradicts", "contradicted", "contradictory"], "contradiction"),
+        **dict.fromkeys(["contradiction", "contradicts", "contradicted", "contradictory"],
+                        "contradiction"),
         **dict.fromkeys(["neutral", "neither"], "neutral")}),
     "superglue-copa": LabelSet({**{f"{w}{n}": int(n) for n in "12"
                                    for w in ("", "choice ", "option ", "alternative ")},
@@ -226,7 +230,8 @@ def parse_choice(response: str, options: list) -> str|None:
 
 # %% ../nbs/04_scoring.ipynb #62eef30f
 def cloze_value(text: str) -> float|None:
-    "`text` as a number, reading `a/b` and `\\frac{a}{b}` as fractions, else its last number, else None."
+    ("`text` as a number, reading `a/b` and `\\frac{a}{b}` as fractions, "
+     "else its last number, else None.")
     if text is None: return None
     t = str(text).replace(" ", "").replace("$", "").rstrip(".")
     m = re.fullmatch(r"([-+]?)\\d?frac\{([-+]?\d+(?:\.\d+)?)\}\{([-+]?\d+(?:\.\d+)?)\}", t) or \
@@ -279,12 +284,14 @@ def _norm_text(s: str) -> str:
     return " ".join(w for w in t.split() if w not in ("a", "an", "the"))
 
 def gold_kind(gold) -> tuple:
-    "ToolQA gold as (kind, value, decimals): kind is date, time, num or text; decimals None = exact."
+    ("ToolQA gold as (kind, value, decimals): kind is date, time, num or text; "
+     "decimals None = exact.")
     if isinstance(gold, (int, float)) and not isinstance(gold, bool):
         return ("num", float(gold), None)
     s = str(gold).strip()
     d = find_dates(s)
-    if len(d) == 1 and d[0][0] == 0 and d[0][1] == len(s.rstrip(".")): return ("date", d[0][2], None)
+    if len(d) == 1 and d[0][0] == 0 and d[0][1] == len(s.rstrip(".")):
+        return ("date", d[0][2], None)
     if re.fullmatch(r"\d{1,2}:\d{2}(:\d{2})?(\s*[ap]\.?m\.?)?", s, re.I):
         return ("time", normalize_time(s), None)
     n = _plain_number(s)
@@ -293,7 +300,8 @@ def gold_kind(gold) -> tuple:
 
 # %% ../nbs/04_scoring.ipynb #8609adcb
 def toolqa_answer(response: str) -> str|None:
-    "The learner's ToolQA answer: the last `Final answer:` text, else the last `Finish[...]`, else None."
+    ("The learner's ToolQA answer: the last `Final answer:` text, else the last `Finish[...]`, "
+     "else None.")
     fa = final_answer_text(response)
     if fa: return fa
     ms = _FINISH_RX.findall(response or "")
@@ -337,6 +345,7 @@ SCORERS = {"gsm8k": score_gsm8k, "humaneval": score_humaneval,
 
 def score(dataset: str, item: dict, response: str) -> Score:
     "Grade `response` to `item` of `dataset` with that dataset's scorer."
-    if dataset not in SCORERS: raise ValueError(f"No scorer for dataset {dataset!r}; known: {sorted(SCORERS)}.")
+    if dataset not in SCORERS:
+        raise ValueError(f"No scorer for dataset {dataset!r}; known: {sorted(SCORERS)}.")
     if response is None: return Score(False, None, "unparsed")
     return SCORERS[dataset](item, response)
