@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #172b3eea
 from __future__ import annotations
-import difflib, hashlib, json, logging, math, os
+import difflib, hashlib, json, logging, math, os, re
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import yaml
@@ -165,13 +165,21 @@ def model_entry(name: str, d: dict) -> ModelEntry:
     return ModelEntry(name=name, **{k: v for k, v in d.items() if k != "params"}, params=params)
 
 # %% ../nbs/00_core.ipynb #4f3dc7fa
+def _yaml(path: Path):
+    "The YAML document in `path`, or a ConfigError naming the file and the line."
+    try:
+        with open(path, encoding="utf-8") as f: return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{str(path)!r} is not valid YAML: {e}. Fix the file (a YAML mapping) "
+                          "and run again.") from None
+
 def load_models(extra: str|Path|None = None) -> dict[str, ModelEntry]:
     "The registry in `configs/models.yaml`, with entries from the file `extra` merged over it."
-    raw = yaml.safe_load((project_root()/"configs"/"models.yaml").read_text()) or {}
+    raw = _yaml(project_root()/"configs"/"models.yaml") or {}
     if extra is not None:
         p = Path(extra)
         if not p.exists(): raise ConfigError(f"--models file {str(p)!r} does not exist.")
-        more = yaml.safe_load(p.read_text()) or {}
+        more = _yaml(p) or {}
         if not isinstance(more, dict):
             raise ConfigError(f"--models file {str(p)!r} must map model names to entries.")
         raw.update(more)
@@ -223,7 +231,15 @@ def phase_config(d: dict, models: dict, dataset_names) -> PhaseConfig:
                               f"Allowed: {sorted(allowed)}.")
     for k in ("name", "models", "datasets"):
         if k not in d: raise ConfigError(f"phase {name}: the key {k!r} is missing.")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) \
+            or ".." in name:
+        raise ConfigError(f"phase name is {name!r}; it names the folder runs/<name>, so use "
+                          "letters, digits, '.', '_' and '-' only (for example phase1).")
     ms = d["models"]
+    if isinstance(ms, list) and len(set(map(str, ms))) < len(ms):
+        dup = sorted({str(m) for m in ms if ms.count(m) > 1})
+        raise ConfigError(f"phase {name}: models lists {dup} more than once; "
+                          "list each learner once.")
     if isinstance(ms, str) or not isinstance(ms, list) or not ms:
         raise ConfigError(f"phase {name}: models must be a non-empty list of names, got {ms!r}.")
     for m in ms:
@@ -275,9 +291,7 @@ def load_phase(phase: str|None = None, config: str|Path|None = None, models: str
                               f"Known phases: {known}.")
     p = Path(config)
     if not p.exists(): raise ConfigError(f"Phase file {str(p)!r} does not exist.")
-    try: raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Phase file {str(p)!r} is not valid YAML: {e}") from None
+    raw = _yaml(p)
     raw = {**(raw or {}), **(overrides or {})}
     reg = load_models(models)
     return phase_config(raw, reg, list(DATASETS)), reg

@@ -65,6 +65,8 @@ def cost_usd(usage: Usage, price: dict, billing: str = "tokens") -> float|None:
     ("Dollar cost of `usage` under the price row `price`; "
      "None when a used quantity has no known price.")
     if not usage.known: return None
+    if any((getattr(usage, a) or 0) < 0 for a, _ in _TOKEN_KINDS) or (usage.seconds or 0) < 0:
+        return None  # inconsistent usage (more cached than prompt tokens): unknown, never negative
     if billing == "time":
         if usage.seconds is None or price.get("per_second") is None: return None
         return usage.seconds * price["per_second"]
@@ -259,20 +261,26 @@ class Call:
     @property
     def truncated(self) -> bool: return self.finish_reason in TRUNCATED_REASONS
 
+def _valid_text(text):
+    "`text` with lone surrogates (half an emoji; not valid UTF-8) replaced by U+FFFD."
+    if text is None or not any("\ud800" <= ch <= "\udfff" for ch in text): return text
+    return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+
 def estimate_tokens(text: str) -> int:
     "A rough token count (4 characters per token), used only for budget reservations and estimates."
     return len(text) // 4 + 1
 
-# %% ../nbs/02_providers.ipynb #a42a18cf
+# %% ../nbs/02_providers.ipynb #9d1844b8
 class Client:
     ("Cache, budget, limits, retries and cost around the provider adapters "
      "of the models in `registry`.")
     def __init__(self, registry: dict, cache: ResponseCache|None = None, budget: Budget|None = None,
                  max_retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0, ledger=None,
-                 providers: dict|None = None, tag: str|None = None):
+                 providers: dict|None = None, tag: str|None = None,
+                 max_retry_after: float = 120.0):
         self.registry, self.cache, self.budget = registry, cache, budget or Budget(None)
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
-        self.ledger, self.tag = ledger, tag
+        self.ledger, self.tag, self.max_retry_after = ledger, tag, max_retry_after
         self._providers, self._sems, self._limiters = dict(providers or {}), {}, {}
         self.counts = {"live": 0, "cached": 0, "failed": 0}
 
@@ -339,6 +347,7 @@ class Client:
             attempt += 1
             try:
                 comp = await provider.complete(req)
+                comp.text = _valid_text(comp.text)
                 cost = cost_usd(comp.usage, e.price, e.billing)
                 return Call(key, comp.text, comp.usage, comp.finish_reason,
                             cost_usd=cost, would_cost_usd=cost,
@@ -350,6 +359,13 @@ class Client:
                                 latency_s=time.monotonic() - t0, attempts=attempt)
                 wait = (min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
                         * (0.5 + random.random()))
+                if err.retry_after is not None and err.retry_after > self.max_retry_after:
+                    logger.warning("%s: the provider asked to wait %.0fs, more than %.0fs; "
+                                   "recording the call as failed", e.name, err.retry_after,
+                                   self.max_retry_after)
+                    return Call(key, failed=True, error=f"{err} (asked to wait {err.retry_after:.0f}s; "
+                                f"the next run retries it)", cost_usd=0.0, would_cost_usd=0.0,
+                                latency_s=time.monotonic() - t0, attempts=attempt)
                 if err.retry_after is not None: wait = max(wait, float(err.retry_after))
                 logger.info("%s: retrying in %.1fs after: %s", e.name, wait, err)
                 await asyncio.sleep(wait)
