@@ -15,7 +15,9 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 
 .PHONY: install study test export clean-runs
 
-$(STAMP): pyproject.toml Makefile
+# The stamp follows the Makefile only: nbdev-export rewrites pyproject.toml on every export. After
+# changing the dependencies in pyproject.toml, run `make install -B`.
+$(STAMP): Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q "llama-cpp-python[server]==0.3.36"

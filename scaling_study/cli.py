@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_cli.ipynb #ecd85bc6
 from __future__ import annotations
-import argparse, json, logging, os, sys
+import argparse, json, logging, math, os, sys
 from pathlib import Path
 from .core import ConfigError, load_phase, load_models, project_root
 
@@ -31,7 +31,8 @@ def cmd_run(a) -> int:
     cfg, reg = load_phase(a.phase if not a.config else None, a.config, a.models)
     check_providers(cfg, reg)
     cap = cfg.budget_usd if a.budget is None else a.budget
-    if cap < 0: raise ConfigError(f"--budget is {cap!r}; give a number of dollars >= 0.")
+    if not math.isfinite(cap) or cap < 0:
+        raise ConfigError(f"--budget is {cap!r}; give a finite number of dollars >= 0.")
     est = estimate(cfg, reg, a.limit, ResponseCache())
     check_budget(est, cap, a.yes)
     run_dir, resumed = prepare_run(cfg, a.limit)

@@ -57,7 +57,7 @@ def read_jsonl(path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg}). "
                                  "The data file is damaged; "
-                                 "copy it again from ../shared/data.") from None
+                                 "restore it with `git checkout -- data/`.") from None
     return out
 
 # %% ../nbs/03_datasets.ipynb #5829ee52
@@ -81,7 +81,7 @@ _LOADED: dict[tuple, list] = {}
 
 def _missing_msg(spec) -> str:
     missing = [str(p) for p in spec.paths() if not p.exists()]
-    todo = spec.missing or "Copy it from ../shared/data into data/ (see data/README.md)."
+    todo = spec.missing or "Restore it with `git checkout -- data/` (see data/README.md)."
     return (f"Dataset {spec.name!r} is not present: missing {missing}. {todo}"
             f"{(' ' + spec.note) if spec.note and not spec.missing else ''}")
 
@@ -92,12 +92,12 @@ def _read_checked(spec) -> list[dict]:
     try: items = spec.reader(spec.paths())
     except (KeyError, TypeError, IndexError, AttributeError) as e:
         raise ValueError(f"{spec.name}: a record in {where} lacks a field or has the wrong shape "
-                         f"({type(e).__name__}: {e}). The data file is damaged; copy it again from "
-                         "../shared/data (see its PROVENANCE.md for the sha256).") from None
+                         f"({type(e).__name__}: {e}). The data file is damaged; restore it with "
+                         "`git checkout -- data/` (see its PROVENANCE.md for the sha256).") from None
     if spec.expected and len(items) < spec.expected:
         raise ValueError(f"{spec.name}: {where} holds {len(items)} records, but the benchmark has "
                          f"{spec.expected}. The file is empty or cut short; "
-                         "copy it again from ../shared/data.")
+                         "restore it with `git checkout -- data/`.")
     return items
 
 def load(name: str, n: int|None = None, seed: int = 0) -> list[dict]:

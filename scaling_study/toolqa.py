@@ -87,7 +87,7 @@ def read_questions(subset: str, data_dir: Path|None = None) -> list[dict]:
             try: r = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{p}, line {i}: not valid JSON ({e.msg}); "
-                                 "copy the file again from ../shared/data.") from None
+                                 "restore it with `git checkout -- data/`.") from None
             d = subset_domain(subset)
             out.append(dict(id=f"toolqa-{r['qid']}", qid=r["qid"], question=r["question"],
                             answer=r["answer"], subset=subset, domain=d, tools=_tools_for(d)))

@@ -104,10 +104,10 @@ BAD = {
                                 {}, ConfigError, ["No price is known for ['fk-compat']", "--yes"]),
     "missing data folder": (lambda c: shutil.rmtree(_gsm8k(c).parent), {}, FileNotFoundError,
                             ["Dataset 'gsm8k' is not present", "data/gsm8k/test.jsonl",
-                             "Copy it from ../shared/data"]),
+                             "git checkout -- data/"]),
     "malformed dataset line": (_break_line, {}, ValueError,
                                ["test.jsonl, line 7: not valid JSON",
-                                "copy it again from ../shared/data"]),
+                                "git checkout -- data/"]),
     "phase file is not YAML": (lambda c: c.phase.write_text("name: rel\nmodels: [fk-compat\n"), {},
                                ConfigError, ["phase.yaml' is not valid YAML"]),
     "models file missing": (lambda c: c.models.unlink(), {}, ConfigError,
@@ -208,7 +208,7 @@ def test_nan_budget_is_rejected(case, where):
                          ids=["no answer", "a list"])
 def test_dataset_line_with_wrong_fields(case, line):
     _break_line(case, 7, line)
-    with pytest.raises(ValueError, match=r"test\.jsonl.*copy it again"):
+    with pytest.raises(ValueError, match=r"test\.jsonl.*git checkout -- data/"):
         run(case.phase, case.models)
     case.check_untouched()
 

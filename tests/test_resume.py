@@ -53,9 +53,14 @@ def test_kill9_loop_then_resume(tmp_path):
         assert final.returncode == 0, final.stderr[-2000:]
         answered = sum(1 for e in srv.log if e["status"] == 200)
 
+    # the first run folder is the one every session resumed; if it was completed during the kill
+    # loop, later sessions started new runs answered wholly from the cache
     runs = sorted((tmp_path/"runs"/"killtest").glob("*/manifest.json"))
-    man = json.loads(runs[-1].read_text())
-    d = runs[-1].parent
+    man = json.loads(runs[0].read_text())
+    d = runs[0].parent
+    for later in runs[1:]:
+        m = json.loads(later.read_text())
+        assert m["calls"]["live"] == 0, "a later run paid for a request the first run had answered"
     records = [json.loads(l) for l in (d/"records.jsonl").read_text().splitlines()]
     ledger = [json.loads(l) for l in (d/"calls.jsonl").read_text().splitlines()]
 

@@ -38,7 +38,7 @@ def papermill_smoke(results):
                    "-p", "limit", "1", "-y", "overrides: {max_turns: 1, max_tokens: 64}"]),
                  ("papermill nbs/analysis/analyze.ipynb (that run)",
                   ["papermill", "nbs/analysis/analyze.ipynb", f"{d}/analyze.ipynb", "-y", "phases: [local]",
-                   "-p", "figures_dir", f"{d}/figures"])]
+                   "-p", "figures_dir", f"{d}/figures", "-p", "tables_dir", f"{d}/tables"])]
         for name, cmd in cases:
             t0 = time.time()
             r = subprocess.run([str(Path(sys.executable).parent/cmd[0]), *cmd[1:]], cwd=ROOT, env=env,
