@@ -75,9 +75,12 @@ _TEXT_SUFFIXES = {".py", ".ipynb", ".md", ".yaml", ".yml", ".toml", ".json", ".j
                   ".tex", ".txt", ".svg", ".cfg", ".ini", ""}
 
 def _collect(root: Path, phases, with_cache: bool) -> list[Path]:
+    # code and configs: the files git tracks (scratch files such as profiles stay out), or, outside
+    # a git checkout, every file of those folders
+    tracked = {root/f for f in _git("ls-files", cwd=root).splitlines()}
     files = [p for d in _TRACKED_DIRS if (root/d).exists() for p in (root/d).rglob("*")
              if p.is_file() and "__pycache__" not in p.parts
-             and ".ipynb_checkpoints" not in p.parts]
+             and ".ipynb_checkpoints" not in p.parts and (not tracked or p in tracked)]
     files += [root/f for f in _TOP_FILES if (root/f).exists()]
     files += ([p for p in (root/"figures").rglob("*") if p.is_file()]
               if (root/"figures").exists() else [])
