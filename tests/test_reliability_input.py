@@ -139,7 +139,7 @@ def test_cli_rejects_a_negative_budget_and_limit(case):
     env = child_env(case.tmp, case.keys, SCALING_STUDY_ROOT=case.root)
     cmd = [str(BIN/"scaling-study"), "run", "--config", str(case.phase),
            "--models", str(case.models)]
-    for args, want in ((["--budget", "-1"], "error: --budget is -1.0; give a number of dollars"),
+    for args, want in ((["--budget", "-1"], "error: --budget is -1.0; give a finite number of dollars"),
                        (["--limit", "0"], "error: --limit is 0; give a whole number of items")):
         r = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True)
         assert r.returncode == 2 and want in r.stderr, r.stderr[-2000:]
