@@ -22,7 +22,7 @@ Nothing here writes to the project's cache/ or runs/: SCALING_STUDY_CACHE and SC
 point at a temporary folder that is removed at the end (unless --keep).
 """
 from __future__ import annotations
-import argparse, asyncio, json, os, platform, re, resource, shutil, signal, subprocess, sys
+import argparse, ast, asyncio, json, os, platform, re, resource, shutil, signal, subprocess, sys
 import tempfile, threading, time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -98,15 +98,16 @@ def git_state() -> str:
 class Server:
     "A fake server in a child process: the product's own CLI, or this file's `serve` helper."
     def __init__(self, args: list[str], env=None):
+        self.err = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block it
         self.proc = subprocess.Popen([PY, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env)
+                                     stderr=self.err, text=True, env=env)
         self.url, self.lines = None, []
         deadline = time.monotonic() + 30
         while self.url is None:
             line = self.proc.stdout.readline()
             if not line:
-                err = self.proc.stderr.read()
-                raise RuntimeError(f"fake server did not start: {err[-800:]}")
+                self.proc.wait(timeout=10); self.err.seek(0)
+                raise RuntimeError(f"fake server did not start: {self.err.read()[-800:]}")
             self.lines.append(line)
             m = re.match(r"(?:url )?(http://127\.0\.0\.1:\d+)\s*$", line.strip())
             if m: self.url = m.group(1)
@@ -124,6 +125,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill(); out, _ = self.proc.communicate()
         else: out, _ = self.proc.communicate()
+        self.err.close()
         return out or ""
 
     def __enter__(self): return self
@@ -170,8 +172,8 @@ def _server_counts(text: str) -> dict:
             except ValueError: pass
         m = re.search(r"requests by status: (\{.*\})", line)
         if m:
-            try: return {str(k): v for k, v in eval(m.group(1), {"__builtins__": {}}).items()}
-            except Exception: pass
+            try: return {str(k): v for k, v in ast.literal_eval(m.group(1)).items()}
+            except (ValueError, SyntaxError): pass
     return {}
 
 
@@ -745,7 +747,8 @@ def write_readme(rows, mach, git, elapsed, quick) -> None:
     text = p.read_text() if p.exists() else "<!-- results:start -->\n<!-- results:end -->\n"
     block = (f"<!-- results:start -->\nRun {mach['date']} ({'quick' if quick else 'full'} mode, "
              f"{elapsed:.0f} s), code {git}.\nMachine: {mach['nproc']} cores, {mach['cpu']}, "
-             f"{mach['memory']}, load average at the end {mach['load']}, Python {mach['python']}.\n\n"
+             f"{mach['memory']}, load average (1, 5, 15 min) {mach.get('load_at_start')} at the start "
+             f"and {mach['load']} at the end, Python {mach['python']}.\n\n"
              f"{table(rows)}\n<!-- results:end -->")
     text = re.sub(r"<!-- results:start -->.*?<!-- results:end -->", lambda _: block, text, flags=re.S)
     p.write_text(text)

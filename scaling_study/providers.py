@@ -318,9 +318,7 @@ class Client:
         self.budget.reserve(reserve)
         try:
             async with self._sems[name]:
-                await self._limiters[name].acquire(
-                    estimate_tokens(str(req.messages)) + req.max_tokens)
-                call = await self._send(provider, key, req)
+                call = await self._send(provider, key, req, self._limiters[name])
         finally:
             # a call whose cost is unknown (no usage, or no price) is charged its reservation, so
             # the cap still holds; a failed call is charged nothing
@@ -340,11 +338,13 @@ class Client:
         if self.ledger: self.ledger(name, call)
         return call
 
-    async def _send(self, provider, key, req) -> Call:
+    async def _send(self, provider, key, req, limiter) -> Call:
         e = provider.entry
         t0, attempt = time.monotonic(), 0
+        tokens = estimate_tokens(str(req.messages)) + req.max_tokens
         while True:
             attempt += 1
+            await limiter.acquire(tokens)  # every attempt, retries too, waits for the limiter
             try:
                 comp = await provider.complete(req)
                 comp.text = _valid_text(comp.text)
