@@ -5,7 +5,7 @@
 # %% ../nbs/00_core.ipynb #172b3eea
 from __future__ import annotations
 import difflib, hashlib, json, logging, math, os, re
-from dataclasses import dataclass, field, asdict
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 import yaml
 
@@ -187,9 +187,6 @@ def load_models(extra: str|Path|None = None) -> dict[str, ModelEntry]:
 
 # %% ../nbs/00_core.ipynb #75e3486f
 POLICIES = ("intrinsic", "oracle", "teacher", "execution")
-_PHASE_DEFAULTS = dict(feedback="intrinsic", max_turns=3, temperature=0.0, max_tokens=512,
-                       budget_usd=0.0, seed=0, confidence_threshold=None, description="", samples=1)
-
 @dataclass
 class PhaseConfig:
     ("A validated phase: learners x datasets x items, the feedback policy, turns, "
@@ -210,6 +207,9 @@ class PhaseConfig:
     def to_dict(self) -> dict: return asdict(self)
     @property
     def hash(self) -> str: return sha256_text(canonical_json(self.to_dict()))[:16]
+
+# the optional keys of a phase file and their defaults, read off the dataclass so they cannot drift
+_PHASE_DEFAULTS = {f.name: f.default for f in fields(PhaseConfig) if f.default is not MISSING}
 
 # %% ../nbs/00_core.ipynb #03eb8fd1
 def _num(name, key, v, lo, integer=False):
