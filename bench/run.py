@@ -182,50 +182,53 @@ def _server_counts(text: str) -> dict:
 
 def bench_cache(quick: bool, work: Path) -> None:
     "Per-call time of a cached call through the full path vs a bare get of the same stored value."
-    from dataclasses import asdict
-    from scaling_study.cache import Request, ResponseCache
+    from scaling_study.cache import ResponseCache
     from scaling_study.core import PhaseConfig, model_entry, canonical_json, sha256_text
     from scaling_study.datasets import DATASETS, load
     from scaling_study.loop import CONFIDENCE_ASK, REVIEW, SYSTEM, _request
     from scaling_study.providers import Client, Completion, Usage
 
-    n_calls = 20_000
-    entry = model_entry("bench-m", dict(provider="openai-compatible", model="fake",
-                                        base_url="http://127.0.0.1:9/v1",
-                                        price=dict(input=0.15, output=0.60)))
-    reg = {"bench-m": entry}
-    cfg = PhaseConfig(name="bench", models=["bench-m"], datasets={"gsm8k": 1000})
+    # a phase's shape: GSM8K's 1,319 items x turns 0-3 x 4 learners, every request distinct and
+    # asked once, learner by learner; each answer names its learner, item and turn, so later turns
+    # carry new text as a real run's do
+    models, turns = [f"bench-m{i}" for i in range(1, 5)], 4
+    reg = {m: model_entry(m, dict(provider="openai-compatible", model=m,
+                                  base_url="http://127.0.0.1:9/v1",
+                                  price=dict(input=0.15, output=0.60))) for m in models}
+    cfg = PhaseConfig(name="bench", models=models, datasets={"gsm8k": 1319})
     template = "gsm8k-v1|intrinsic-v1|loop-v1"
-    answer = "The answer is 42.\nFinal answer: 42\nConfidence: 80%"
-
-    # conversations as the loop builds them: turn 0 and later turns with the review prompt
-    convs = []
-    for it in load("gsm8k", 500, seed=0):
-        m = [{"role": "system", "content": SYSTEM},
-             {"role": "user", "content": f"{DATASETS['gsm8k'].prompt(it)}\n{CONFIDENCE_ASK}"}]
-        for t in range(4):
-            convs.append(m)
-            m = m + [{"role": "assistant", "content": answer}, {"role": "user", "content": REVIEW}]
+    items = load("gsm8k", 1319, seed=0)
+    calls = []  # (model, messages, answer), in the order the runner asks them
+    for name in models:
+        for it in items:
+            m = [{"role": "system", "content": SYSTEM},
+                 {"role": "user", "content": f"{DATASETS['gsm8k'].prompt(it)}\n{CONFIDENCE_ASK}"}]
+            for t in range(turns):
+                answer = f"{name}, {it['id']}, turn {t}: 6 x 7 = 42.\nFinal answer: 42\nConfidence: 80%"
+                calls.append((name, m, answer))
+                m = m + [{"role": "assistant", "content": answer}, {"role": "user", "content": REVIEW}]
+    n_calls = len(calls)
     cache = ResponseCache(work/"cache-micro")
     keys = []
-    for m in convs:
-        k = _request(entry, cfg, m, template).key
+    for name, m, answer in calls:
+        k = _request(reg[name], cfg, m, template).key
         cache.set(k, {**Completion(answer, Usage(100, 0, 0, 20), "stop").to_dict(),
                       "paid_by": "bench", "cost_usd": 0.0001})
         keys.append(k)
-    db, n = cache._db, len(convs)
+    if len(set(keys)) != n_calls: raise RuntimeError("expected every request to be distinct")
+    db = cache._db
 
     def bare() -> float:
         t0 = time.perf_counter()
-        for i in range(n_calls): db.get(keys[i % n])
+        for k in keys: db.get(k)
         return (time.perf_counter() - t0) / n_calls
 
     client = Client(reg, cache)
     async def full_loop():
         t0 = time.perf_counter()
-        for i in range(n_calls):
-            call = await client.complete("bench-m", _request(entry, cfg, convs[i % n], template))
-            rec = dict(model="bench-m", turn=i % 4, response=call.text, cached=call.cached,
+        for i, (name, m, _) in enumerate(calls):
+            call = await client.complete(name, _request(reg[name], cfg, m, template))
+            rec = dict(model=name, turn=i % turns, response=call.text, cached=call.cached,
                        input_tokens=call.usage.total_input, output_tokens=call.usage.output_tokens,
                        cost_usd=call.cost_usd, would_cost_usd=call.would_cost_usd, request_key=call.key)
             if not rec["cached"]: raise RuntimeError("expected a cache hit")
@@ -237,22 +240,20 @@ def bench_cache(quick: bool, work: Path) -> None:
     bs, fs = [], []
     for _ in range(3): bs.append(bare()); fs.append(full())
     b, f = min(bs), min(fs)
-    row("cache", f"cached call, full path ({n_calls:,} calls)", f"{f*1e6:.1f} us/call",
+    row("cache", f"cached call, full path ({n_calls:,} distinct calls)", f"{f*1e6:.1f} us/call",
         f"bare diskcache get {b*1e6:.1f} us", f / b, "<= 3.0x bare get", f / b <= 3.0)
 
     # where the time goes: the key, the lookup with its JSON decode, and the rest (Call, cost, await)
-    def per(fn, reps=n_calls):
+    def per(fn):
         t0 = time.perf_counter()
-        for i in range(reps): fn(i)
-        return (time.perf_counter() - t0) / reps
-    reqs = [_request(entry, cfg, m, template) for m in convs]
-    k_now = min(per(lambda i: reqs[i % n].key) for _ in range(3))
-    g = min(per(lambda i: cache.get(keys[i % n])) for _ in range(3))
-    k_old = min(per(lambda i: sha256_text(canonical_json(asdict(reqs[i % n])))) for _ in range(3))
-    avg_len = sum(len(canonical_json(dict(vars(r)))) for r in reqs) / n
+        for i in range(n_calls): fn(i)
+        return (time.perf_counter() - t0) / n_calls
+    reqs = [_request(reg[name], cfg, m, template) for name, m, _ in calls]
+    k_now = min(per(lambda i: reqs[i].key) for _ in range(3))
+    g = min(per(lambda i: cache.get(keys[i])) for _ in range(3))
+    avg_len = sum(len(canonical_json(dict(vars(r)))) for r in reqs) / n_calls
     row("cache", "  of which Request.key", f"{k_now*1e6:.1f} us", f"bare get {b*1e6:.1f} us", k_now / b,
-        "", None, f"canonical JSON ({avg_len:.0f} bytes on average, turns 0-3) + sha256; the "
-        f"asdict-based key before commit 2192f01 took {k_old*1e6:.1f} us")
+        "", None, f"canonical JSON ({avg_len:.0f} bytes on average, turns 0-3) + sha256")
     row("cache", "  of which ResponseCache.get", f"{g*1e6:.1f} us", f"bare get {b*1e6:.1f} us", g / b,
         "", None, f"the bare get plus json.loads of the stored answer; the remaining "
         f"{(f - k_now - g)*1e6:.1f} us are Request, Completion, Call, cost and the await")
@@ -446,7 +447,7 @@ def _bare_rate(base_url: str, conc: int, total: int, offset: int) -> float:
     return asyncio.run(main())
 
 def _client_rate(base_url: str, conc: int, total: int, offset: int, cache_dir: Path|None,
-                 rpm: int|None = None, pace_retries: bool = False) -> dict:
+                 rpm: int|None = None) -> dict:
     from scaling_study.cache import ResponseCache
     from scaling_study.core import model_entry
     from scaling_study.providers import Client
@@ -458,14 +459,6 @@ def _client_rate(base_url: str, conc: int, total: int, offset: int, cache_dir: P
     cache = ResponseCache(cache_dir) if cache_dir else None
     ledger = []
     client = Client({"bench-live": entry}, cache, ledger=lambda name, call: ledger.append(call))
-    if pace_retries:  # the proposed change: every attempt, retries included, waits for the limiter
-        prov = client._provider("bench-live")
-        first = prov.complete
-        async def paced(req):
-            if getattr(req, "_bench_tried", False): await client._limiters["bench-live"].acquire(0)
-            req._bench_tried = True
-            return await first(req)
-        prov.complete = paced
     async def main():
         async def one(i):
             c = await client.complete("bench-live", _live_request(offset + i, base_url))
@@ -576,22 +569,19 @@ def bench_live(quick: bool, work: Path) -> None:
         log(f"live server counts: {_server_counts(srv.stop())}")
 
     # rpm-limited: server limit 600/min in a 10 s sliding window (100 per 10 s), so a short run still
-    # crosses several windows (the product's CLI fixes the window at 60 s). Three clients: the
-    # product as it is at 600/min; the same with retries paced by the limiter (proposed change);
-    # the product configured 3% under the server's limit
+    # crosses several windows (the product's CLI fixes the window at 60 s). Two clients: the
+    # product at the server's 600/min, and the product configured 3% under it
     rpm, window = 600, 10.0
     seconds = 12 if quick else 20
     n = int(rpm / 60 * seconds)
     ideal = rpm / 60
-    for label, client_rpm, pace in (("as is", rpm, False), ("retries paced (proposed patch)", rpm, True),
-                                    ("client set to 582/min", int(rpm * 0.97), False)):
-        if quick and pace: continue
+    for label, client_rpm in (("client at the limit", rpm), ("client set to 582/min", int(rpm * 0.97))):
         with Server([str(Path(__file__).resolve()), "serve", "--latency", str(latency),
                      "--rpm", str(int(rpm * window / 60)), "--window", str(window)]) as srv:
-            r = _client_rate(srv.openai_base_url, 32, n, 0, work/f"live-cache-rpm-{client_rpm}-{pace}",
-                             rpm=client_rpm, pace_retries=pace)
+            r = _client_rate(srv.openai_base_url, 32, n, 0, work/f"live-cache-rpm-{client_rpm}",
+                             rpm=client_rpm)
             counts = _server_counts(srv.stop())
-        headline = label == "as is"
+        headline = client_rpm == rpm
         row("live", f"rpm-limited, {label} (server 600/min, conc 32, {n} calls)",
             f"{r['rate']:.2f}/s", f"server limit {ideal:.2f}/s", r["rate"] / ideal,
             ">= 0.90 of limit, 0 429s in records" if headline else "(reference)",

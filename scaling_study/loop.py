@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_loop.ipynb #0f0d433d
 from __future__ import annotations
-import logging, re
+import asyncio, logging, re
 from dataclasses import dataclass
 from .cache import Request
 from .core import ModelEntry, PhaseConfig
@@ -14,7 +14,8 @@ from .scoring import score
 
 # %% auto #0
 __all__ = ['logger', 'PROMPT_VERSION', 'SYSTEM', 'CONFIDENCE_ASK', 'REVIEW', 'ORACLE_WRONG', 'TEMPLATES', 'POLICIES',
-           'parse_confidence', 'Turn', 'Policy', 'Intrinsic', 'Oracle', 'review', 'Teacher', 'Execution', 'run_item']
+           'PROGRAM_DATASETS', 'parse_confidence', 'Turn', 'Policy', 'Intrinsic', 'Oracle', 'review', 'Teacher',
+           'Execution', 'run_item']
 
 # %% ../nbs/05_loop.ipynb #ef8c27b6
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Turn:
 class Policy:
     "Base feedback policy: `feedback` returns (next prompt, info) or (None, info) to stop."
     name, used_gold, version = "base", False, "0"
+    runs_code = False  # True if `feedback` runs the learner's program (the loop moves it off the loop)
     def feedback(self, dataset: str, item: dict, turns: list[Turn]) -> tuple[str|None, dict]:
         raise NotImplementedError
 
@@ -132,6 +134,7 @@ class Execution(Policy):
     ("HumanEval only: run the examples shown in the prompt (never the hidden tests); "
      "all pass -> stop.")
     name, used_gold, version = "execution", False, "execution-v1"
+    runs_code = True
     def feedback(self, dataset, item, turns):
         from scaling_study.sandbox import run_public_examples
         passed, total, text = run_public_examples(item, turns[-1].response)
@@ -175,6 +178,8 @@ async def _ask(client, name, entry, cfg, spec, item, messages, template):
     except _CallFailed: return None, calls, None, {}
     return ep["text"], calls, ep["messages"], {"tool_steps": ep["steps"]}
 
+PROGRAM_DATASETS = {"humaneval"}  # graded by running the answer, not by reading it
+
 async def run_item(client: Client, name: str, item: dict, cfg: PhaseConfig,
                    policy: Policy|None = None) -> list[dict]:
     "All turns of learner `name` on `item` under the phase `cfg`, one record per turn."
@@ -211,7 +216,10 @@ async def run_item(client: Client, name: str, item: dict, cfg: PhaseConfig,
             break
 
         # grade
-        sc = score(ds, item, text)
+        # a HumanEval answer is graded by running it in the sandbox (tens of ms): in a thread, so the
+        # other learners' calls go on meanwhile; grading text takes microseconds and stays here
+        sc = (await asyncio.to_thread(score, ds, item, text) if ds in PROGRAM_DATASETS
+              else score(ds, item, text))
         conf = parse_confidence(text)
         rec.update(extracted=sc.extracted, correct=sc.correct, reason=sc.reason, confidence=conf)
         turns.append(Turn(t, text, sc.extracted, sc.correct, conf))
@@ -223,7 +231,8 @@ async def run_item(client: Client, name: str, item: dict, cfg: PhaseConfig,
         if (cfg.confidence_threshold is not None and conf is not None
                 and conf >= cfg.confidence_threshold):
             rec["stop_reason"] = "confident"; break
-        nxt, info = policy.feedback(ds, item, turns)
+        nxt, info = (await asyncio.to_thread(policy.feedback, ds, item, turns) if policy.runs_code
+                     else policy.feedback(ds, item, turns))
         rec.update(info)
         if nxt is None: rec["stop_reason"] = info.get("stop", "policy"); break
         messages = after + [{"role": "user", "content": nxt}]

@@ -93,7 +93,7 @@ class Completion:
     @property
     def truncated(self) -> bool: return self.finish_reason in TRUNCATED_REASONS
     def to_dict(self) -> dict:
-        return dict(text=self.text, usage=asdict(self.usage),
+        return dict(text=self.text, usage=dict(vars(self.usage)),  # flat: asdict deep-copies
                     finish_reason=self.finish_reason, model_version=self.model_version)
     @classmethod
     def from_dict(cls, d) -> Completion:
@@ -263,7 +263,11 @@ class Call:
 
 def _valid_text(text):
     "`text` with lone surrogates (half an emoji; not valid UTF-8) replaced by U+FFFD."
-    if text is None or not any("\ud800" <= ch <= "\udfff" for ch in text): return text
+    if text is None: return text
+    try:
+        text.encode("utf-8")  # fails only on a lone surrogate; far cheaper than a loop in Python
+        return text
+    except UnicodeEncodeError: pass
     return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
 
 def estimate_tokens(text: str) -> int:
@@ -331,8 +335,9 @@ class Client:
         # answer, and the run recovers the line from the cache entry's `paid_by` tag
         cacheable = not call.truncated or (e.provider == "local" and req.temperature == 0)
         if not call.failed and cacheable and self.cache is not None:
-            self.cache.set(key, {**Completion(call.text, call.usage, call.finish_reason).to_dict(),
-                                 "paid_by": self.tag, "cost_usd": call.cost_usd})
+            stored = {**Completion(call.text, call.usage, call.finish_reason).to_dict(),
+                      "paid_by": self.tag, "cost_usd": call.cost_usd}
+            self.cache.set(key, stored)
         if call.failed: self.counts["failed"] += 1
         else: self.counts["live"] += 1
         if self.ledger: self.ledger(name, call)
