@@ -10,12 +10,11 @@ from .cache import Request
 from .core import ModelEntry, PhaseConfig
 from .datasets import DATASETS, ANSWER_LINE
 from .providers import TRANSCRIPT_FORMAT, Client
-from .scoring import score
+from .scoring import PROGRAM_DATASETS, score
 
 # %% auto #0
 __all__ = ['logger', 'PROMPT_VERSION', 'SYSTEM', 'CONFIDENCE_ASK', 'REVIEW', 'ORACLE_WRONG', 'TEMPLATES', 'POLICIES',
-           'PROGRAM_DATASETS', 'parse_confidence', 'Turn', 'Policy', 'Intrinsic', 'Oracle', 'review', 'Teacher',
-           'Execution', 'run_item']
+           'parse_confidence', 'Turn', 'Policy', 'Intrinsic', 'Oracle', 'review', 'Teacher', 'Execution', 'run_item']
 
 # %% ../nbs/05_loop.ipynb #ef8c27b6
 logger = logging.getLogger(__name__)
@@ -177,8 +176,6 @@ async def _ask(client, name, entry, cfg, spec, item, messages, template):
     try: ep = await spec.episode(generate, item, messages=messages)
     except _CallFailed: return None, calls, None, {}
     return ep["text"], calls, ep["messages"], {"tool_steps": ep["steps"]}
-
-PROGRAM_DATASETS = {"humaneval"}  # graded by running the answer, not by reading it
 
 async def run_item(client: Client, name: str, item: dict, cfg: PhaseConfig,
                    policy: Policy|None = None) -> list[dict]:

@@ -6,7 +6,7 @@ one retry layer, rate limits, a budget that holds, and the cache in front of it 
 # %% ../nbs/02_providers.ipynb #ea433027
 from __future__ import annotations
 import asyncio, importlib, importlib.util, logging, os, random, threading, time
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from .core import ModelEntry, cache_dir
 from .cache import Request, ResponseCache

@@ -14,6 +14,7 @@ from .core import (ConfigError, PhaseConfig, load_phase, project_root, cache_dir
 from .cache import ResponseCache
 from .datasets import DATASETS, load, data_hashes
 from .loop import POLICIES, SYSTEM, CONFIDENCE_ASK, run_item
+from .scoring import PROGRAM_DATASETS
 from .providers import (Budget, BudgetExceeded, Client, cost_usd, estimate_tokens,
                                      Usage, run_sync)
 
@@ -192,7 +193,7 @@ def check_providers(cfg: PhaseConfig, registry: dict) -> None:
     for m in cfg.models:
         try: make_provider(registry[m])
         except ProviderError as e: raise ConfigError(str(e)) from None
-    if "humaneval" in cfg.datasets:
+    if PROGRAM_DATASETS & set(cfg.datasets):
         from scaling_study.sandbox import exposed_secrets
         if exposed_secrets():
             raise ConfigError("HumanEval programs would run in the weak fallback sandbox, "

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from .toolqa import find_dates, normalize_date, normalize_time
 
 # %% auto #0
-__all__ = ['logger', 'LABELS', 'SCORERS', 'Score', 'parse_number', 'extract_number', 'score_gsm8k', 'final_answer_text',
-           'answer_spans', 'LabelSet', 'score_copa', 'score_multirc', 'parse_choice', 'cloze_value', 'score_mathbench',
-           'gold_kind', 'toolqa_answer', 'score_toolqa', 'score_humaneval', 'score']
+__all__ = ['logger', 'LABELS', 'SCORERS', 'PROGRAM_DATASETS', 'Score', 'parse_number', 'extract_number', 'score_gsm8k',
+           'final_answer_text', 'answer_spans', 'LabelSet', 'score_copa', 'score_multirc', 'parse_choice',
+           'cloze_value', 'score_mathbench', 'gold_kind', 'toolqa_answer', 'score_toolqa', 'score_humaneval', 'score']
 
 # %% ../nbs/04_scoring.ipynb #4eab2df3
 logger = logging.getLogger(__name__)
@@ -342,6 +342,7 @@ SCORERS = {"gsm8k": score_gsm8k, "humaneval": score_humaneval,
            **{nm: _label_scorer(nm) for nm in LABELS if nm != "superglue-copa"},
            "superglue-copa": score_copa, "superglue-multirc": score_multirc,
            "mathbench": score_mathbench, "toolqa": score_toolqa, "toolqa-gsm8k": score_toolqa}
+PROGRAM_DATASETS = {"humaneval"}  # graded by running the answer in the sandbox, not by reading it
 
 def score(dataset: str, item: dict, response: str) -> Score:
     "Grade `response` to `item` of `dataset` with that dataset's scorer."
