@@ -362,6 +362,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                          'scaling_study/remote.py'),
                                       'scaling_study.remote._PerLoop': ('remote.html#_perloop', 'scaling_study/remote.py'),
                                       'scaling_study.remote._PerLoop._sdk': ('remote.html#_perloop._sdk', 'scaling_study/remote.py'),
+                                      'scaling_study.remote._PerLoop._within_deadline': ( 'remote.html#_perloop._within_deadline',
+                                                                                          'scaling_study/remote.py'),
                                       'scaling_study.remote._cell': ('remote.html#_cell', 'scaling_study/remote.py'),
                                       'scaling_study.remote._check_one': ('remote.html#_check_one', 'scaling_study/remote.py'),
                                       'scaling_study.remote._free_port': ('remote.html#_free_port', 'scaling_study/remote.py'),

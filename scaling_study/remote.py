@@ -113,13 +113,23 @@ def no_usage(entry: ModelEntry) -> Usage:
 
 # %% ../nbs/02a_remote.ipynb #18233218
 class _PerLoop:
-    "Mixin: `self._sdk()` is an SDK client made by `self._make_sdk()` for the running event loop."
+    ("Mixin for the SDK adapters: `self._sdk()` is an SDK client made by `self._make_sdk()` for the "
+     "running event loop; `self._within_deadline` makes one call with it.")
     _client = _loop = None
 
     def _sdk(self):
         loop = asyncio.get_running_loop()
         if self._loop is not loop: self._client, self._loop = self._make_sdk(), loop
         return self._client
+
+    async def _within_deadline(self, request, sdk, sdk_errors):
+        ("`await request()` within the call's timeout; a timeout, or one of `sdk_errors` raised by "
+         "the `sdk` module, becomes a ProviderError.")
+        try:
+            async with asyncio.timeout(self.timeout): return await request()
+        except TimeoutError: raise _timed_out(self.entry, self.timeout) from None
+        except (sdk_errors, json.JSONDecodeError) as err:
+            raise sdk_error(self.entry, err, sdk, self._key, self.timeout) from None
 
 # %% ../nbs/02a_remote.ipynb #83cc2434
 def openai_usage(u) -> Usage|None:
@@ -172,12 +182,9 @@ class OpenAIProvider(_PerLoop):
 
     async def complete(self, req: Request) -> Completion:
         "Send `req`; the answer, or a ProviderError saying whether a retry can help."
-        try:
-            async with asyncio.timeout(self.timeout):
-                resp = await self._sdk().chat.completions.create(**self.params(req))
-        except TimeoutError: raise _timed_out(self.entry, self.timeout) from None
-        except (openai.OpenAIError, json.JSONDecodeError) as err:
-            raise sdk_error(self.entry, err, openai, self._key, self.timeout) from None
+        resp = await self._within_deadline(
+            lambda: self._sdk().chat.completions.create(**self.params(req)),
+            openai, openai.OpenAIError)
         if not getattr(resp, "choices", None): raise _malformed(self.entry, "no choices")
         usage = openai_usage(getattr(resp, "usage", None))
         if usage is None: usage = no_usage(self.entry)
@@ -216,12 +223,9 @@ class AnthropicProvider(_PerLoop):
 
     async def complete(self, req: Request) -> Completion:
         "Send `req`; the answer, or a ProviderError saying whether a retry can help."
-        try:
-            async with asyncio.timeout(self.timeout):
-                msg = await self._sdk().messages.create(**self.params(req))
-        except TimeoutError: raise _timed_out(self.entry, self.timeout) from None
-        except (anthropic.AnthropicError, json.JSONDecodeError) as err:
-            raise sdk_error(self.entry, err, anthropic, self._key, self.timeout) from None
+        msg = await self._within_deadline(
+            lambda: self._sdk().messages.create(**self.params(req)),
+            anthropic, anthropic.AnthropicError)
         if getattr(msg, "content", None) is None: raise _malformed(self.entry, "no content")
         usage = anthropic_usage(getattr(msg, "usage", None))
         if usage is None: usage = no_usage(self.entry)
