@@ -113,7 +113,7 @@ def no_usage(entry: ModelEntry) -> Usage:
 
 # %% ../nbs/02a_remote.ipynb #18233218
 class _PerLoop:
-    ("Mixin for the SDK adapters: `self._sdk()` is an SDK client made by `self._make_sdk()` for the "
+    ("Mixin for SDK adapters: `self._sdk()` is an SDK client made by `self._make_sdk()` for the "
      "running event loop; `self._within_deadline` makes one call with it.")
     _client = _loop = None
 
