@@ -38,8 +38,8 @@ def cache_dir() -> Path:
     return Path(env).resolve() if env else project_root()/"cache"
 
 # %% ../nbs/00_core.ipynb #af18ec93
-# one encoder, built once: `json.dumps` with these options builds a new one on every call, which was
-# a tenth of a cached call's time
+# one encoder, built once: `json.dumps` with these options builds a new one on every call
+# (about 1.3 us, a twentieth of a cached call)
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 def canonical_json(obj) -> str:
