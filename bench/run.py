@@ -197,7 +197,7 @@ def _server_counts(text: str) -> dict:
 def bench_cache(quick: bool, work: Path) -> None:
     "Per-call time of a cached call through the full path vs a bare get of the same stored value."
     from scaling_study.cache import ResponseCache
-    from scaling_study.core import PhaseConfig, model_entry, canonical_json, sha256_text
+    from scaling_study.core import PhaseConfig, model_entry, canonical_json
     from scaling_study.datasets import DATASETS, load
     from scaling_study.loop import CONFIDENCE_ASK, REVIEW, SYSTEM, _request
     from scaling_study.providers import Client, Completion, Usage
@@ -704,7 +704,7 @@ def bench_local(quick: bool, work: Path) -> None:
             p["rate"] / b["rate"] >= 0.9 if headline else None, note)
         if "plain-reset" in r:
             q = r["plain-reset"]
-            row("local", f"  same, against plain llama-cpp-python with llm.reset() after each answer",
+            row("local", "  same, against plain llama-cpp-python with llm.reset() after each answer",
                 f"{p['rate']:.1f} tok/s", f"plain + reset {q['rate']:.1f} tok/s", p["rate"] / q["rate"],
                 "(reference)", None, f"per round {fmt(q['per'])}; CPU ms/token {q['cpu_ms']:.1f}; the gap "
                 "to plain is the KV-cache reset (no prompt-prefix reuse)")

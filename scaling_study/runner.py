@@ -4,12 +4,12 @@
 
 # %% ../nbs/06_runner.ipynb #fd221c00
 from __future__ import annotations
-import asyncio, fcntl, json, logging, math, os, platform, subprocess, sys, time, warnings
+import asyncio, fcntl, json, logging, math, os, platform, subprocess, time, warnings
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 import pandas as pd
-from .core import (ConfigError, PhaseConfig, load_phase, project_root, cache_dir,
+from .core import (ConfigError, PhaseConfig, load_phase, project_root,
                                 canonical_json, sha256_text)
 from .cache import ResponseCache
 from .datasets import DATASETS, load, data_hashes
